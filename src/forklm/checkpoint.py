@@ -1,0 +1,288 @@
+"""Checkpoints -> a ready Transformer: Hugging Face folders (safetensors, sharded or not), hub ids, GGUF files.
+
+Weights are mapped strictly: every parameter of the model is filled from the file or the load
+fails naming the file and tensor; tensors in the file that the model does not use are listed
+(and ignored) only when they are known buffers. The model is built on the meta device and each
+parameter is materialised once, in the target dtype and device: no second full copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import ModelConfig
+from .errors import CheckpointError, ModelNotAvailableError
+from .model import Transformer
+
+log = logging.getLogger(__name__)
+
+# Tensors some checkpoints carry that are buffers, not weights (GPT-2's causal mask, rotary caches).
+_IGNORED = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: Transformer
+    config: ModelConfig
+    source: str  # the folder or file it came from
+    tokenizer: object | None = None  # forklm.tokenizer.Tokenizer
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A local folder or .gguf file as is; otherwise a hub id `org/name`, downloaded if online."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
+        raise ModelNotAvailableError(f"model {name_or_path!r}: no such file or folder, and not a hub id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            name_or_path,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt"],
+        )
+    except Exception as e:  # offline, unknown repo, gated repo: all mean "not available here"
+        raise ModelNotAvailableError(
+            f"model {name_or_path!r} is not available locally and could not be downloaded from the "
+            f"Hugging Face hub ({type(e).__name__}); pass a local folder or .gguf file instead"
+        ) from None
+    return Path(local)
+
+
+def load_checkpoint(name_or_path: str | os.PathLike, dtype: torch.dtype, device: str | torch.device) -> LoadedCheckpoint:
+    path = resolve_model(str(name_or_path))
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path}: a model file must be a .gguf; otherwise pass a Hugging Face folder")
+        return _load_gguf(path, dtype, device)
+    return _load_hf_folder(path, dtype, device)
+
+
+def _load_hf_folder(path: Path, dtype: torch.dtype, device) -> LoadedCheckpoint:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing (a Hugging Face model folder needs config.json)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+    cfg = ModelConfig.from_hf(raw, source=str(config_file))
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        if eos is not None:
+            cfg.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+    reader = SafetensorsReader(path)
+    model = build_model(cfg, reader.names(), reader.get, dtype, device)
+    from .tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(path)
+    eos_ids = list(cfg.eos_token_ids) or (list(tokenizer.eos_token_ids) if tokenizer else [])
+    return LoadedCheckpoint(model, cfg, str(path), tokenizer, eos_ids)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device) -> LoadedCheckpoint:
+    from .gguf import load_gguf
+
+    ckpt = load_gguf(path, dtype)
+    cfg = ModelConfig.from_hf(ckpt.config, source=str(path))
+    tensors = ckpt.tensors
+    model = build_model(cfg, set(tensors), lambda name: tensors.pop(name), dtype, device)
+    eos_ids = list(ckpt.eos_token_ids) or list(cfg.eos_token_ids)
+    return LoadedCheckpoint(model, cfg, str(path), ckpt.tokenizer, eos_ids)
+
+
+class SafetensorsReader:
+    """Reads tensors by name from model.safetensors or a sharded index, one tensor at a time."""
+
+    def __init__(self, folder: Path):
+        self._handles: dict[Path, object] = {}
+        index = folder / "model.safetensors.index.json"
+        single = folder / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            self.file_of = {name: folder / shard for name, shard in weight_map.items()}
+        elif single.is_file():
+            self.file_of = {name: single for name in self._open(single).keys()}
+        else:
+            raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+    def _open(self, file: Path):
+        if file not in self._handles:
+            if not file.is_file():
+                raise CheckpointError(f"{file}: missing checkpoint shard")
+            from safetensors import safe_open
+
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as e:
+                raise CheckpointError(f"{file}: cannot read safetensors file ({e})") from None
+        return self._handles[file]
+
+    def names(self) -> set[str]:
+        return set(self.file_of)
+
+    def get(self, name: str) -> Tensor:
+        file = self.file_of[name]
+        try:
+            return self._open(file).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({e})") from None
+
+
+# ---- Hugging Face names -> forklm names ------------------------------------------------------------
+# Each rule maps one forklm parameter to (HF name, transform of the HF tensor).
+
+Rule = tuple[str, Callable[[Tensor], Tensor]]
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _transposed(t: Tensor) -> Tensor:
+    return t.t()  # GPT-2's Conv1D stores [in, out]; nn.Linear wants [out, in]
+
+
+def _rows(start: int, stop: int, transpose: bool = False) -> Callable[[Tensor], Tensor]:
+    """Slice a fused q/k/v tensor (rows of a Linear weight, or entries of a bias)."""
+
+    def take(t: Tensor) -> Tensor:
+        t = t.t() if transpose and t.dim() == 2 else t
+        return t[start:stop]
+
+    return take
+
+
+def _head_interleaved(which: int, n_heads: int, head_dim: int) -> Callable[[Tensor], Tensor]:
+    """GPT-BigCode without multi_query fuses q/k/v per head: rows [H, 3, D]. Take part `which`."""
+
+    def take(t: Tensor) -> Tensor:
+        per_head = t.reshape(n_heads, 3, head_dim, *t.shape[1:])  # [H, 3, D, (E)]
+        return per_head[:, which].reshape(n_heads * head_dim, *t.shape[1:])  # [H*D, (E)]
+
+    return take
+
+
+def weight_rules(cfg: ModelConfig, prefix_names: set[str]) -> dict[str, Rule]:
+    rules: dict[str, Rule] = {}
+    if cfg.family == "llama":
+        p = "model." if any(n.startswith("model.") for n in prefix_names) else ""
+        rules["tok_embeddings.weight"] = (f"{p}embed_tokens.weight", _same)
+        rules["norm.weight"] = (f"{p}norm.weight", _same)
+        if not cfg.tie_word_embeddings:
+            rules["lm_head.weight"] = ("lm_head.weight", _same)
+        for i in range(cfg.n_layers):
+            hf, me = f"{p}layers.{i}.", f"layers.{i}."
+            rules[me + "attn_norm.weight"] = (hf + "input_layernorm.weight", _same)
+            rules[me + "mlp_norm.weight"] = (hf + "post_attention_layernorm.weight", _same)
+            for mine, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
+                rules[f"{me}attn.{mine}.weight"] = (f"{hf}self_attn.{theirs}.weight", _same)
+                if cfg.qkv_bias and mine != "wo":
+                    rules[f"{me}attn.{mine}.bias"] = (f"{hf}self_attn.{theirs}.bias", _same)
+            for mine, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+                rules[f"{me}mlp.{mine}.weight"] = (f"{hf}mlp.{theirs}.weight", _same)
+        return rules
+
+    # GPT-2 (Conv1D weights, stored transposed) and GPT-BigCode (nn.Linear weights)
+    p = "transformer." if any(n.startswith("transformer.") for n in prefix_names) else ""
+    conv = cfg.model_type == "gpt2"
+    interleaved = cfg.model_type == "gpt_bigcode" and cfg.n_kv_heads > 1
+    fix = _transposed if conv else _same
+    rules["tok_embeddings.weight"] = (f"{p}wte.weight", _same)
+    rules["pos_embeddings.weight"] = (f"{p}wpe.weight", _same)
+    rules["norm.weight"] = (f"{p}ln_f.weight", _same)
+    rules["norm.bias"] = (f"{p}ln_f.bias", _same)
+    if not cfg.tie_word_embeddings:
+        rules["lm_head.weight"] = ("lm_head.weight", _same)
+    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    spans = {"wq": (0, q_out), "wk": (q_out, q_out + kv_out), "wv": (q_out + kv_out, q_out + 2 * kv_out)}
+    for i in range(cfg.n_layers):
+        hf, me = f"{p}h.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias"):
+            rules[f"{me}attn_norm.{kind}"] = (f"{hf}ln_1.{kind}", _same)
+            rules[f"{me}mlp_norm.{kind}"] = (f"{hf}ln_2.{kind}", _same)
+            for j, (mine, (a, b)) in enumerate(spans.items()):
+                split = _rows(a, b, transpose=conv) if not interleaved else _head_interleaved(j, cfg.n_heads, cfg.head_dim)
+                rules[f"{me}attn.{mine}.{kind}"] = (f"{hf}attn.c_attn.{kind}", split)
+            for mine, theirs in (("attn.wo", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
+                rules[f"{me}{mine}.{kind}"] = (f"{hf}{theirs}.{kind}", fix if kind == "weight" else _same)
+    return rules
+
+
+def build_model(
+    cfg: ModelConfig,
+    names: set[str],
+    get: Callable[[str], Tensor],
+    dtype: torch.dtype,
+    device,
+) -> Transformer:
+    """Build on the meta device, then fill every parameter from `get(hf_name)` (strict)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    rules = weight_rules(cfg, names)
+    params = dict(model.named_parameters())  # tied lm_head appears once, as tok_embeddings
+    missing = [rules[n][0] for n in params if n in rules and rules[n][0] not in names]
+    unmapped = [n for n in params if n not in rules]
+    if unmapped:
+        raise CheckpointError(f"internal error: no weight mapping for {unmapped}")
+    if missing:
+        raise CheckpointError(f"checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    used = {rules[n][0] for n in params}
+    unused = sorted(n for n in names - used if not _IGNORED.search(n))
+    if unused:
+        log.warning("checkpoint tensors not used by the model: %s", unused[:10])
+
+    cache: dict[str, Tensor] = {}  # a fused HF tensor read once, split into several parameters
+    fused_uses = {}
+    for n in params:
+        fused_uses[rules[n][0]] = fused_uses.get(rules[n][0], 0) + 1
+    for name, param in params.items():
+        hf_name, transform = rules[name]
+        if hf_name not in cache:
+            cache[hf_name] = get(hf_name)
+        value = transform(cache[hf_name])
+        fused_uses[hf_name] -= 1
+        if fused_uses[hf_name] == 0:
+            del cache[hf_name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"tensor {hf_name!r}: shape {tuple(value.shape)} does not match the model's "
+                f"{name} {tuple(param.shape)} (from config.json)"
+            )
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        tensor = value.to(device=device, dtype=dtype).contiguous()
+        setattr(module, attr, torch.nn.Parameter(tensor, requires_grad=False))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.tok_embeddings.weight
+    for name, buf in model.named_buffers():  # non-persistent buffers (rope frequencies) are rebuilt
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        setattr(module, attr, _rebuild_buffer(model, attr).to(device))
+    return model.eval()
+
+
+def _rebuild_buffer(model: Transformer, attr: str) -> Tensor:
+    from .model import rope_inv_freq
+
+    cfg = model.config
+    if attr == "inv_freq":
+        return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).float()
+    raise CheckpointError(f"internal error: unknown buffer {attr}")

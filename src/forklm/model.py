@@ -1,0 +1,156 @@
+"""A pure-PyTorch decoder-only transformer for the Llama and GPT-2 families.
+
+The model does not own a KV cache and does not choose an attention algorithm:
+every layer hands its q/k/v to `attn.attend(layer, q, k, v)`, where `attn` is the
+object the caller passes in (a prefill or decode view of a cache from kv_cache.py).
+The cache's type decides how attention is computed (bifurcated or replicated).
+
+Letters in shape comments: N rows (prompts at prefill, samples at decode),
+L tokens per row, E model dim, H query heads, Hkv kv heads, D head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig, RopeScaling
+
+
+class AttentionBackend(Protocol):
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q [N, H, L, D], k/v [N, Hkv, L, D] (positions already applied) -> [N, H, L, D]."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> Tensor:
+    """Inverse frequencies [D/2]; Llama-3 scaling stretches the low frequencies."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [N, h, L, D]; cos/sin [N, 1, L, D/2]. Rotates the two halves of D (HF's layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)  # each [N, h, L, D/2]
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        bias = cfg.qkv_bias or cfg.family == "gpt2"
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.family == "gpt2")
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, attn: AttentionBackend) -> Tensor:
+        N, L, _ = x.shape
+        q = self.wq(x).view(N, L, self.n_heads, self.head_dim).transpose(1, 2)  # [N, H, L, D]
+        k = self.wk(x).view(N, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [N, Hkv, L, D]
+        v = self.wv(x).view(N, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [N, Hkv, L, D]
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attn.attend(self.layer, q, k, v)  # [N, H, L, D]
+        out = out.transpose(1, 2).reshape(N, L, self.n_heads * self.head_dim)  # [N, L, H*D]
+        return self.wo(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.activation = cfg.activation
+        if cfg.activation == "silu":  # SwiGLU
+            self.w_gate = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+            self.w_up = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+            self.w_down = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        else:
+            self.fc = nn.Linear(cfg.dim, cfg.intermediate_size)
+            self.proj = nn.Linear(cfg.intermediate_size, cfg.dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.activation == "silu":
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        approximate = "tanh" if self.activation == "gelu_tanh" else "none"
+        return self.proj(F.gelu(self.fc(x), approximate=approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        norm = (lambda: RMSNorm(cfg.dim, cfg.norm_eps)) if cfg.family == "llama" else (
+            lambda: nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        )
+        self.attn_norm, self.mlp_norm = norm(), norm()
+        self.attn = Attention(cfg, layer)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope, attn: AttentionBackend) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, attn)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        if cfg.family == "gpt2":
+            self.pos_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.dim)
+            self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        else:
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+            self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+        if self.config.family != "llama":
+            return None
+        angles = positions.unsqueeze(-1).float() * self.inv_freq  # [N, L, D/2]
+        angles = angles.unsqueeze(1)  # [N, 1, L, D/2]
+        return angles.cos(), angles.sin()
+
+    def forward(self, tokens: Tensor, positions: Tensor, attn: AttentionBackend, last_only: bool = True) -> Tensor:
+        """tokens/positions [N, L] -> logits [N, V] (last position) or [N, L, V] (all positions)."""
+        x = self.tok_embeddings(tokens)  # [N, L, E]
+        if self.config.family == "gpt2":
+            x = x + self.pos_embeddings(positions)
+        rope = self._rope(positions)
+        for block in self.layers:
+            x = block(x, rope, attn)
+        if last_only:
+            x = x[:, -1]  # [N, E]: the LM head runs on the last position only
+        return self.lm_head(self.norm(x)).float()
