@@ -1,0 +1,165 @@
+"""The Python API, shaped like vLLM's: `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .checkpoint import load_checkpoint
+from .engine import Engine
+from .errors import CapacityError, InvalidParameterError, TokenizerError
+from .kv_cache import KV_LAYOUTS, CacheShape
+from .outputs import RequestOutput
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    """Free memory the KV cache may use: free GPU memory on CUDA, available RAM on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class LLM:
+    """A model ready to generate.
+
+    model: a Hugging Face folder, a .gguf file, a hub id (downloaded when online), or None for the
+        embedded default model (SmolLM2-135M-Instruct).
+    dtype: "float32" | "bfloat16" | "float16".
+    device: "cpu" | "cuda" | "cuda:N".
+    kv_layout: "bifurcated" (the prompt's K/V stored once for all its samples; default) or
+        "replicated" (copied per sample; the reference and baseline).
+    compile: compile the decode step with torch.compile.
+    memory_fraction: the share of free memory the KV cache may take.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        dtype: str = "float32",
+        device: str = "cpu",
+        kv_layout: str = "bifurcated",
+        compile: bool = False,
+        memory_fraction: float = 0.75,
+    ):
+        if dtype not in DTYPES:
+            raise InvalidParameterError("dtype", f"{dtype!r} is not one of {sorted(DTYPES)}")
+        if kv_layout not in KV_LAYOUTS:
+            raise InvalidParameterError("kv_layout", f"{kv_layout!r} is not one of {sorted(KV_LAYOUTS)}")
+        try:
+            self.device = torch.device(device)
+        except RuntimeError:
+            raise InvalidParameterError("device", f"{device!r} is not a torch device") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidParameterError("device", "CUDA is not available on this machine")
+        if not 0 < memory_fraction <= 1:
+            raise InvalidParameterError("memory_fraction", "must be in (0, 1]")
+        if model is None:
+            from .default_model import default_model_path
+
+            model = default_model_path()
+        self.dtype = DTYPES[dtype]
+        self.kv_layout, self.compile, self.memory_fraction = kv_layout, compile, memory_fraction
+        ckpt = load_checkpoint(model, self.dtype, self.device)
+        self.model, self.config, self.tokenizer = ckpt.model, ckpt.config, ckpt.tokenizer
+        self.eos_token_ids = ckpt.eos_token_ids
+        self.source = ckpt.source
+        self._request_counter = 0
+
+    # ---- engines --------------------------------------------------------------------------
+    def cache_bytes(self, shape: CacheShape) -> int:
+        return KV_LAYOUTS[self.kv_layout].bytes_needed(self.config, shape, self.dtype)
+
+    def make_engine(self, shape: CacheShape) -> Engine:
+        """An engine with a cache of `shape`, checked against the memory available."""
+        budget = int(available_memory_bytes(self.device) * self.memory_fraction)
+        need = self.cache_bytes(shape)
+        if need > budget:
+            raise CapacityError(
+                f"the KV cache for {shape.max_samples} samples ({need / 2**30:.2f} GiB, {self.kv_layout}) exceeds "
+                f"the memory budget ({budget / 2**30:.2f} GiB); at most n={self.max_n_that_fits(shape, budget)} fits",
+                max_n=self.max_n_that_fits(shape, budget),
+            )
+        cache = KV_LAYOUTS[self.kv_layout](self.config, shape, self.dtype, self.device)
+        return Engine(self.model, cache, self.tokenizer, self.eos_token_ids, compile=self.compile)
+
+    def max_n_that_fits(self, shape: CacheShape, budget: int) -> int:
+        """The largest samples-per-prompt count whose cache fits `budget`, other sizes fixed."""
+        lo, hi = 0, 1
+        grow = lambda n: CacheShape(shape.max_prompts, n * shape.max_prompts, n, shape.max_prompt_len, shape.max_new_tokens)  # noqa: E731
+        while self.cache_bytes(grow(hi)) <= budget and hi < 1 << 24:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.cache_bytes(grow(mid)) <= budget else (lo, mid)
+        return lo
+
+    # ---- generation -----------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise TokenizerError(f"{self.source} has no tokenizer: pass prompt_token_ids instead of text")
+        return self.tokenizer.encode(text)
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for each prompt (text, or token ids) its n samples; one output per prompt, in order."""
+        if (prompts is None) == (prompt_token_ids is None):
+            raise InvalidParameterError("prompts", "give exactly one of prompts or prompt_token_ids")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts = list(prompts) if prompts is not None else [None] * len(prompt_token_ids)
+        ids = [self.encode(t) for t in prompts] if prompts is not None else [list(p) for p in prompt_token_ids]
+        if not ids:
+            return []
+        params = sampling_params if sampling_params is not None else SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(ids)
+        if len(params) != len(ids):
+            raise InvalidParameterError("sampling_params", f"{len(params)} given for {len(ids)} prompts")
+        for p in params:
+            if not isinstance(p, SamplingParams):
+                raise InvalidParameterError("sampling_params", f"expected SamplingParams, got {type(p).__name__}")
+        shape = CacheShape(
+            max_prompts=len(ids),
+            max_samples=sum(p.num_sequences for p in params),
+            max_samples_per_prompt=max(p.num_sequences for p in params),
+            max_prompt_len=max(1, max(len(i) for i in ids)),
+            max_new_tokens=max(p.max_tokens for p in params),
+        )
+        engine = self.make_engine(shape)
+        request_ids = []
+        for text, prompt_ids, p in zip(texts, ids, params):
+            self._request_counter += 1
+            rid = str(self._request_counter)
+            engine.add_request(rid, prompt_ids, p, prompt=text)
+            request_ids.append(rid)
+        while engine.has_unfinished():
+            engine.step()
+        return [engine.pop_output(rid) for rid in request_ids]
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+        """Render `messages` with the model's chat template and generate."""
+        if self.tokenizer is None:
+            raise TokenizerError(f"{self.source} has no tokenizer")
+        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        return self.generate(prompt_token_ids=[ids], sampling_params=sampling_params)[0]

@@ -1,0 +1,68 @@
+"""`forklm generate`: n samples for a prompt, printed as text or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+HELP = "generate n samples for a prompt (default model: the embedded SmolLM2-135M-Instruct)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="Hugging Face folder, .gguf file or hub id (default: embedded SmolLM2)")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
+    p.add_argument("-n", type=int, default=1, help="number of samples (default 1)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per sample (default 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--kv-layout", choices=["bifurcated", "replicated"], default="bifurcated")
+    p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import LLM
+    from ..sampling import SamplingParams
+
+    params = SamplingParams(
+        n=args.n,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_layout=args.kv_layout, compile=args.compile)
+    if args.chat:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params)
+    else:
+        out = llm.generate([args.prompt], params)[0]
+    if args.json:
+        payload = {
+            "model": llm.source,
+            "prompt": args.prompt,
+            "prompt_tokens": len(out.prompt_token_ids),
+            "samples": [
+                {
+                    "index": o.index,
+                    "text": o.text,
+                    "token_ids": o.token_ids,
+                    "finish_reason": o.finish_reason,
+                    "cumulative_logprob": o.cumulative_logprob,
+                }
+                for o in out.outputs
+            ],
+        }
+        json.dump(payload, sys.stdout, ensure_ascii=False)
+        sys.stdout.write("\n")
+        return 0
+    for o in out.outputs:
+        sys.stdout.write(f"--- sample {o.index} ({o.finish_reason}, {len(o.token_ids)} tokens) ---\n")
+        sys.stdout.write((o.text if o.text is not None else " ".join(map(str, o.token_ids))) + "\n")
+    return 0

@@ -1,0 +1,31 @@
+"""Compile settings, in one place. Hands back callables; never rebinds globals."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+
+def decode_step(model, cache, tokens: Tensor) -> Tensor:
+    """One decode step for every sample row: tokens [S] -> logits [S, V].
+
+    Shapes are static (S rows, fixed cache sizes); positions and lengths are tensors in the cache,
+    so one compiled graph serves every step.
+    """
+    positions = cache.positions()  # [S]
+    return model(tokens.unsqueeze(1), positions.unsqueeze(1), cache)  # [S, 1] -> [S, V]
+
+
+def make_decode_fn(model, cache, compile: bool) -> Callable[[Tensor], Tensor]:
+    """The decode step bound to a model and cache, compiled (fullgraph, static shapes) when asked."""
+    fn = decode_step
+    if compile:
+        mode = "reduce-overhead" if cache.device.type == "cuda" else None
+        fn = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+        log.info("decode step compiled with torch.compile(fullgraph=True, mode=%s)", mode)
+    return lambda tokens: fn(model, cache, tokens)

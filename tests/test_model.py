@@ -1,0 +1,37 @@
+"""forklm's transformer vs `transformers` itself, on tiny random models of every family."""
+
+import pytest
+import torch
+
+from forklm.checkpoint import load_checkpoint
+from forklm.config import ModelConfig
+from forklm.kv_cache import BifurcatedCache, CacheShape
+
+from conftest import FAMILIES
+
+LOGITS_ATOL = 1e-4  # float32; observed ~2e-7
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_logits_match_transformers(hf_models, family):
+    hf, folder = hf_models[family]
+    ckpt = load_checkpoint(folder, torch.float32, "cpu")
+    torch.manual_seed(1)
+    for L in (1, 2, 7, 33):
+        ids = torch.randint(0, ckpt.config.vocab_size, (1, L))
+        cache = BifurcatedCache(ckpt.config, CacheShape(1, 1, 1, 64, 4), torch.float32, "cpu")
+        with torch.no_grad():
+            ref = hf(ids).logits[0]  # [L, V]
+            ours = ckpt.model(ids, torch.arange(L)[None], cache.prefill_view(0, [0]), last_only=False)[0]
+        assert (ours - ref).abs().max().item() < LOGITS_ATOL, (family, L)
+
+
+def test_config_family_comes_from_model_type_not_folder_name(hf_models):
+    _, folder = hf_models["qwen2"]
+    import json
+
+    cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    assert cfg.model_type == "qwen2" and cfg.qkv_bias and cfg.n_kv_heads == 1
+    # architectures alone is enough when model_type is missing
+    assert ModelConfig.from_hf({"architectures": ["GPT2LMHeadModel"], "n_embd": 8, "n_layer": 1, "n_head": 2,
+                                "vocab_size": 5, "n_positions": 8}).family == "gpt2"
