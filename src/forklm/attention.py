@@ -1,0 +1,337 @@
+"""Attention kernels: causal prefill, attention with log-sum-exp, and bifurcated decode.
+
+Everything here is a pure function of tensors, traceable by
+``torch.compile(fullgraph=True)`` with static shapes: lengths arrive as int64
+tensors and are turned into masks, never read back to Python.
+
+Bifurcated decode: the prompt's keys/values are stored
+once per prompt (context cache) and each sample's own decoded keys/values in a
+sample cache. One decode step attends to both parts separately, each returning
+its output and the log-sum-exp (LSE) of its scores, and merges them exactly with
+``merge_attention``. The context part regroups the queries of all samples of a
+prompt (times the GQA group) into the rows of one matrix, so the prompt's K/V are
+read once per step for all samples and never repeated.
+
+Shape letters used in comments:
+  B  batch (prompts for prefill / context slots)     S  sample rows
+  P  prompt (context) slots                          J  n_max, samples per prompt slot
+  H  query heads    Hkv  key/value heads    G = H // Hkv (GQA group)
+  M  query rows of one kv head                       L / Lc / T  key positions
+  D  head dim
+
+Dispatch of ``attention_with_lse`` (CPU choice measured, see the table below):
+  * CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` with an additive
+    float mask; the plain matmul reference for one query row against <= 128 keys
+    (faster there) and for empty shapes (the op SIGFPEs on Lq == 0 or Lk == 0).
+  * CUDA fp16/bf16: ``aten._scaled_dot_product_efficient_attention`` with an
+    additive bias. The fixed-length flash op takes no mask, and ``valid_len`` is
+    ragged per row, so the masked memory-efficient op is the kernel that fits.
+  * Anything else (fp32 on CUDA, other devices, ops missing in this torch build,
+    a kernel refusing the shapes in eager mode): ``attention_with_lse_reference``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "attention_with_lse",
+    "attention_with_lse_reference",
+    "bifurcated_decode_attention",
+    "causal_attention",
+    "decode_rows_from_counts",
+    "merge_attention",
+    "replicated_decode_attention",
+]
+
+# Feature detection, once at import (immutable flags). torch.ops.aten raises
+# AttributeError for an op this build does not have.
+_HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+_HAS_CUDA_EFFICIENT = hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention")
+
+# The memory-efficient CUDA kernel wants the bias's last-dim stride aligned to 16
+# elements (public SDPA pads the mask the same way before calling it).
+_CUDA_BIAS_ALIGN = 16
+# The memory-efficient CUDA kernel supports head dims up to this.
+_CUDA_EFFICIENT_MAX_HEAD_DIM = 256
+
+# CPU timings (torch 2.13 CPU, AVX-512 host, 2 threads shared with other jobs so
+# +-30% noise; median ms per call, flash_for_cpu vs the fp32 matmul reference,
+# D=64, valid_len drawn in [L/2, L]; each line measured twice in one process):
+#   B=1,  Hkv=12, M=64, L=2048  fp32:  flash 3.3-3.9  reference 13.2-13.3
+#   B=1,  Hkv=12, M=64, L=2048  bf16:  flash 4.2      reference 13.1-13.2
+#   B=1,  Hkv=3,  M=192,L=2048  bf16:  flash 9.5      reference 105
+#   B=64, Hkv=12, M=1,  L=32    fp32:  flash 0.39-0.46 reference 0.34-0.39
+#   B=64, Hkv=12, M=1,  L=32    bf16:  flash 1.4-1.5  reference 0.48-0.72
+#   B=64, Hkv=12, M=1,  L=128   fp32:  flash 2.6      reference 1.6-1.8
+#   B=64, Hkv=12, M=1,  L=128   bf16:  flash 5.7-6.0  reference 2.8-2.9
+#   B=64, Hkv=12, M=1,  L=256   fp32:  flash 4.6-4.7  reference 3.6-4.2
+#   B=64, Hkv=12, M=1,  L=256   bf16:  flash 11.6-11.9 reference 34.7-34.9
+#   B=64, Hkv=3,  M=3,  L=32..128 both dtypes: within 15% (flash 0.22-0.78, reference 0.25-0.81)
+#   B=64, Hkv=3,  M=3,  L=512   fp32 / bf16: flash 3.5 / 16.0  reference 5.1 / 120
+# So: the reference for a single query row against few keys (M == 1, L <= 128:
+# 1.3-3x faster), flash_for_cpu everywhere else.
+_CPU_REFERENCE_MAX_KEYS_AT_ONE_ROW = 128
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal self-attention for prefill.
+
+    q: [B, H, L, D]; k, v: [B, Hkv, L, D] with H % Hkv == 0 (MHA, GQA, MQA).
+    K/V are not repeated per group: SDPA's ``enable_gqa`` maps query head h to
+    kv head h // G. Returns [B, H, L, D].
+    """
+    h, hkv = q.shape[1], k.shape[1]
+    if h % hkv != 0:
+        raise ValueError(f"query heads {h} not a multiple of kv heads {hkv}")
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=h != hkv
+    )
+
+
+def _key_mask(valid_len: Tensor, length: int) -> Tensor:
+    """Bool keep-mask of the first valid_len[b] of `length` keys: [B, 1, 1, length]."""
+    pos = torch.arange(length, device=valid_len.device)  # [L]
+    return pos < valid_len[:, None, None, None]  # [B, 1, 1, L]
+
+
+def _additive_mask(keep: Tensor, dtype: torch.dtype, neg: float) -> Tensor:
+    """0 where keep, `neg` elsewhere, in `dtype`; same shape as keep."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, neg)
+
+
+def _fix_empty_rows(out: Tensor, lse: Tensor, valid_len: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows with no valid key: out = 0, lse = -inf (kernels return lse = 0 or garbage)."""
+    empty = (valid_len == 0)[:, None, None]  # [B, 1, 1]
+    out = torch.where(empty[..., None], torch.zeros((), dtype=out.dtype, device=out.device), out)
+    lse = torch.where(empty, torch.full((), -math.inf, dtype=lse.dtype, device=lse.device), lse)
+    return out, lse
+
+
+def attention_with_lse_reference(
+    q: Tensor, k: Tensor, v: Tensor, valid_len: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Plain matmul + logsumexp attention in float32; the reference and the fallback.
+
+    Same contract as ``attention_with_lse``. Handles empty shapes (M == 0, L == 0).
+    """
+    keep = _key_mask(valid_len, k.shape[-2])  # [B, 1, 1, L]
+    # [B, Hkv, M, D] @ [B, Hkv, D, L] -> [B, Hkv, M, L]
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    scores = scores.masked_fill(~keep, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, M]; -inf where no key is valid
+    # Subtract a finite lse so that fully masked rows give exp(-inf) = 0, not NaN.
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - lse_safe[..., None])  # [B, Hkv, M, L]
+    out = torch.matmul(probs, v.float())  # [B, Hkv, M, D]
+    return out.to(q.dtype), lse
+
+
+def _cpu_flash_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, valid_len: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """CPU flash kernel. Needs M > 0 and L > 0 (the op SIGFPEs otherwise: caller checks)."""
+    keep = _key_mask(valid_len, k.shape[-2])  # [B, 1, 1, L]
+    # Additive mask in q's dtype: the op refuses a bool mask.
+    mask = _additive_mask(keep, q.dtype, -math.inf)  # [B, 1, 1, L]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, attn_mask=mask, scale=scale
+    )  # out [B, Hkv, M, D] q.dtype, lse [B, Hkv, M] float32
+    return _fix_empty_rows(out, lse.float(), valid_len)
+
+
+def _cuda_efficient_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, valid_len: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """CUDA memory-efficient kernel with an additive bias; fp16/bf16."""
+    b, hkv, m, _ = q.shape
+    length = k.shape[-2]
+    padded = -(-length // _CUDA_BIAS_ALIGN) * _CUDA_BIAS_ALIGN
+    keep = _key_mask(valid_len, padded)  # [B, 1, 1, Lpad]
+    # A finite "minus infinity" keeps fully masked rows NaN-free inside the kernel
+    # (they are overwritten below); -1e30 stays finite after the kernel's log2e
+    # rescale, fp16 clamps to its own minimum.
+    neg = max(torch.finfo(q.dtype).min, -1e30)
+    bias = _additive_mask(keep, q.dtype, neg)  # [B, 1, 1, Lpad]
+    # Slice back to L keeping the aligned row stride, then broadcast (stride 0).
+    bias = bias[..., :length].expand(b, hkv, m, length)  # [B, Hkv, M, L]
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, bias, True, 0.0, False, scale=scale
+    )  # out [B, Hkv, M, D], lse [B, Hkv, ceil(M/32)*32] float32
+    lse = lse[..., :m].float()  # [B, Hkv, M]
+    return _fix_empty_rows(out, lse, valid_len)
+
+
+def _fast_path(q: Tensor, k: Tensor):
+    """The kernel for these (static) shapes and dtypes, or None for the reference."""
+    m, length, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if m == 0 or length == 0:
+        return None
+    if q.device.type == "cpu" and _HAS_CPU_FLASH:
+        if m == 1 and length <= _CPU_REFERENCE_MAX_KEYS_AT_ONE_ROW:
+            return None
+        return _cpu_flash_with_lse
+    if (
+        q.device.type == "cuda"
+        and _HAS_CUDA_EFFICIENT
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and d % 8 == 0
+        and d <= _CUDA_EFFICIENT_MAX_HEAD_DIM
+    ):
+        return _cuda_efficient_with_lse
+    return None
+
+
+def attention_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, valid_len: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Non-causal attention of M query rows per kv head to the first valid_len[b] keys.
+
+    q: [B, Hkv, M, D]; k, v: [B, Hkv, L, D]; valid_len: [B] int64, 0 <= valid_len <= L.
+    Returns out [B, Hkv, M, D] in q.dtype and lse [B, Hkv, M] float32, the
+    log-sum-exp of the scaled, masked scores. Rows with valid_len == 0 give
+    out = 0 and lse = -inf.
+    """
+    kernel = _fast_path(q, k)
+    if kernel is None:
+        return attention_with_lse_reference(q, k, v, valid_len, scale)
+    if torch.compiler.is_compiling():
+        return kernel(q, k, v, valid_len, scale)
+    try:
+        return kernel(q, k, v, valid_len, scale)
+    except RuntimeError as exc:  # a private kernel refusing these shapes/strides
+        logger.debug("attention kernel %s refused, using reference: %s", kernel.__name__, exc)
+        return attention_with_lse_reference(q, k, v, valid_len, scale)
+
+
+def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """Exact merge of two attentions over disjoint key sets by their log-sum-exps.
+
+    out_*: [..., D]; lse_*: [...] (float32). Computed in float32, returned in
+    out_a.dtype. Where both lse are -inf (no key in either part) the result is 0.
+    """
+    lse_a = lse_a.float()
+    lse_b = lse_b.float()
+    m = torch.maximum(lse_a, lse_b)  # [...]
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # -inf only when both parts are empty
+    w_a = torch.exp(lse_a - m)  # [...]
+    w_b = torch.exp(lse_b - m)  # [...]
+    denom = w_a + w_b
+    denom = torch.where(denom == 0, torch.ones_like(denom), denom)
+    out = (out_a.float() * w_a[..., None] + out_b.float() * w_b[..., None]) / denom[..., None]  # [..., D]
+    return out.to(out_a.dtype)
+
+
+def bifurcated_decode_attention(
+    q: Tensor,
+    kc: Tensor,
+    vc: Tensor,
+    ctx_len: Tensor,
+    prompt_rows: Tensor,
+    row_pos: Tensor,
+    kd: Tensor,
+    vd: Tensor,
+    dec_len: Tensor,
+    scale: float,
+) -> Tensor:
+    """One decode step of S sample rows over a shared context cache and per-sample caches.
+
+    q: [S, H, D] current-token queries (RoPE applied).
+    kc, vc: [P, Hkv, Lc, D] context cache, one copy per prompt slot; ctx_len: [P] int64.
+    prompt_rows: [P, J] int64 sample rows of each prompt (padded with any valid row).
+    row_pos: [S] int64 flat index p * J + j of each sample row into prompt_rows.
+    kd, vd: [S, Hkv, T, D] sample cache, current token already written; dec_len: [S] int64.
+    Returns [S, H, D] in q.dtype; finite also for rows with no valid key at all.
+    """
+    s, h, d = q.shape
+    p, hkv = kc.shape[0], kc.shape[1]
+    j = prompt_rows.shape[1]
+    g = h // hkv
+
+    # Context part: every sample's and every grouped head's query is a row against
+    # its prompt's kv head.
+    qc = q[prompt_rows]  # [P, J, H, D]
+    qc = qc.reshape(p, j, hkv, g, d)  # [P, J, Hkv, G, D]
+    qc = qc.permute(0, 2, 1, 3, 4)  # [P, Hkv, J, G, D]
+    qc = qc.reshape(p, hkv, j * g, d)  # [P, Hkv, J*G, D]
+    out_c, lse_c = attention_with_lse(qc, kc, vc, ctx_len, scale)  # [P, Hkv, J*G, D], [P, Hkv, J*G]
+    out_c = out_c.reshape(p, hkv, j, g, d)  # [P, Hkv, J, G, D]
+    out_c = out_c.permute(0, 2, 1, 3, 4)  # [P, J, Hkv, G, D]
+    out_c = out_c.reshape(p * j, h, d)  # [P*J, H, D]
+    out_c = out_c[row_pos]  # [S, H, D]
+    lse_c = lse_c.reshape(p, hkv, j, g)  # [P, Hkv, J, G]
+    lse_c = lse_c.permute(0, 2, 1, 3)  # [P, J, Hkv, G]
+    lse_c = lse_c.reshape(p * j, h)  # [P*J, H]
+    lse_c = lse_c[row_pos]  # [S, H]
+
+    # Sample part: each row's G grouped heads against its own kv heads.
+    qd = q.reshape(s, hkv, g, d)  # [S, Hkv, G, D]
+    out_d, lse_d = attention_with_lse(qd, kd, vd, dec_len, scale)  # [S, Hkv, G, D], [S, Hkv, G]
+    out_d = out_d.reshape(s, h, d)  # [S, H, D]
+    lse_d = lse_d.reshape(s, h)  # [S, H]
+
+    return merge_attention(out_c, lse_c, out_d, lse_d)  # [S, H, D]
+
+
+def replicated_decode_attention(
+    q: Tensor, k: Tensor, v: Tensor, valid_len: Tensor, scale: float
+) -> Tensor:
+    """Baseline decode step over a replicated cache: plain SDPA with a key mask.
+
+    q: [S, H, D]; k, v: [S, Hkv, L, D] each row's [prompt ; decoded] keys, the
+    first valid_len[s] valid. Returns [S, H, D]; rows with no valid key give 0.
+    """
+    h, hkv = q.shape[1], k.shape[1]
+    keep = _key_mask(valid_len, k.shape[-2])  # [S, 1, 1, L]
+    # Additive mask: -inf would make an empty row NaN; the finite minimum gives a
+    # uniform average there, which is zeroed below.
+    mask = _additive_mask(keep, q.dtype, torch.finfo(q.dtype).min)  # [S, 1, 1, L]
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=h != hkv
+    )  # [S, H, 1, D]
+    out = out.squeeze(2)  # [S, H, D]
+    empty = (valid_len == 0)[:, None, None]  # [S, 1, 1]
+    return torch.where(empty, torch.zeros((), dtype=out.dtype, device=out.device), out)
+
+
+def decode_rows_from_counts(
+    n_per_prompt: list[int],
+    n_max: int | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Row maps for contiguous sample rows: prompt 0's samples first, then prompt 1's...
+
+    Returns int64 tensors
+      prompt_rows [P, J]: the sample rows of prompt p, padded with row 0;
+      row_pos [S]: flat index p * J + j of sample row s into prompt_rows;
+      sample_to_prompt [S]: the prompt of sample row s.
+    J = n_max if given (a fixed capacity keeps shapes static across steps),
+    else max(n_per_prompt). A prompt with 0 samples (an unused slot) is all padding.
+    """
+    if any(n < 0 for n in n_per_prompt):
+        raise ValueError(f"negative sample count in {n_per_prompt}")
+    width = max(n_per_prompt, default=0) if n_max is None else n_max
+    if any(n > width for n in n_per_prompt):
+        raise ValueError(f"n_max={width} smaller than a sample count in {n_per_prompt}")
+    rows: list[list[int]] = []
+    row_pos: list[int] = []
+    sample_to_prompt: list[int] = []
+    start = 0
+    for p, n in enumerate(n_per_prompt):
+        rows.append(list(range(start, start + n)) + [0] * (width - n))
+        row_pos.extend(p * width + j for j in range(n))
+        sample_to_prompt.extend([p] * n)
+        start += n
+    prompt_rows = torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(n_per_prompt), width)  # [P, J]
+    return (
+        prompt_rows,
+        torch.tensor(row_pos, dtype=torch.int64, device=device),  # [S]
+        torch.tensor(sample_to_prompt, dtype=torch.int64, device=device),  # [S]
+    )
