@@ -1,0 +1,51 @@
+"""The `forklm` command line, run as a real subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def forklm(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "forklm", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help():
+    r = forklm("--help")
+    assert r.returncode == 0 and "generate" in r.stdout and "serve" in r.stdout
+    r = forklm("generate", "--help")
+    assert r.returncode == 0 and "--max-tokens" in r.stdout and "--seed" in r.stdout
+
+
+def test_generate_json_on_default_model():
+    r = forklm("generate", "--prompt", "The sky is", "-n", "2", "--max-tokens", "6", "--seed", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    payload = json.loads(r.stdout)
+    assert len(payload["samples"]) == 2
+    assert all(len(s["token_ids"]) <= 6 and isinstance(s["text"], str) for s in payload["samples"])
+
+
+def test_generate_text_on_tiny_model(hf_models):
+    _, folder = hf_models["gpt2"]  # no tokenizer: token ids are printed
+    r = forklm("generate", str(folder), "--prompt", "hi", "--max-tokens", "4")
+    assert r.returncode == 2 and "no tokenizer" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "--prompt", "x", "-n", "zero"], "invalid int value"),
+        (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["generate", "--prompt", "x", "--top-p", "1.5"], "top_p"),
+        (["generate", "--prompt", "x", "-n", "0"], "n"),
+        (["generate"], "--prompt"),
+        (["generate", "/no/such/model", "--prompt", "x"], "/no/such/model"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(args, message):
+    r = forklm(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
