@@ -1,0 +1,75 @@
+"""Draw one token per row from processed logits, and its log probability.
+
+What the log probs are computed on: the *processed* logits, i.e. `log_softmax` of what
+`process_logits` returned (after penalties, bias, bans, temperature and top-k/top-p/min-p), which
+is exactly the distribution the token was drawn from. A token removed by a filter has log prob
+-inf. Greedy rows skip temperature and the filters, so theirs is the penalised model distribution
+at temperature 1. This equals transformers' `compute_transition_scores(..., normalize_logits=True)`
+over the scores `generate` returns; it differs from vLLM's default, which reports the raw model
+distribution (log_softmax of the logits before any processing). The engine can still report raw
+log probs by passing the unprocessed logits to `compute_logprobs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from forklm.sampling.random import uniform
+from forklm.sampling.tensors import SamplingTensors, TokenHistory
+
+
+@dataclass
+class SampleResult:
+    """One step's draw for S rows."""
+
+    tokens: Tensor
+    """[S] int64: the chosen token of each row."""
+    logprobs: Tensor
+    """[S] float32: the chosen token's log prob under the processed distribution (always)."""
+    top_logprobs: tuple[Tensor, Tensor] | None
+    """(values [S, K] float32, ids [S, K] int64), sorted by descending log prob, K = the largest
+    number any row asked for; None when no row asked for logprobs. Rows that asked for fewer use
+    the first entries; entry j has rank j + 1."""
+    ranks: Tensor | None
+    """[S] int64: 1 + the number of tokens strictly more likely than the chosen one (vLLM's
+    rank); None when no row asked for logprobs."""
+
+
+def compute_logprobs(logits: Tensor, tokens: Tensor, max_logprobs: int | None) -> SampleResult:
+    """Log probs of `tokens [S]` under softmax(`logits [S, V]`), with the top `max_logprobs`
+    alternatives and the chosen tokens' ranks when `max_logprobs` is not None."""
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [S, 1]
+    chosen_logit = logits.gather(1, tokens[:, None])  # [S, 1]
+    chosen = (chosen_logit - lse).squeeze(1)  # [S]
+    top = ranks = None
+    if max_logprobs is not None:
+        values, ids = torch.topk(logits, max_logprobs, dim=-1)  # [S, K] each, descending
+        top = (values - lse, ids)
+        ranks = (logits > chosen_logit).sum(dim=-1) + 1  # [S]
+    return SampleResult(tokens, chosen, top, ranks)
+
+
+def sample(logits: Tensor, t: SamplingTensors, h: TokenHistory) -> SampleResult:
+    """Draw one token per row from processed logits [S, V] float32 (the output of `process_logits`).
+
+    Greedy rows take the argmax. Sampled rows draw with counter-based uniforms keyed by
+    (seed, sample index, step = tokens generated so far), so a row's draw does not depend on the
+    batch around it.
+    """
+    if t.all_greedy:
+        tokens = logits.argmax(dim=-1)  # [S]
+    else:
+        u = uniform(t.seeds, t.sample_index, h.generated, t.vocab_size)  # [S, V] in (0, 1)
+        # Exponential race: argmax_i p_i / E_i with E_i = -log(u_i) ~ Exp(1) picks i with
+        # probability p_i; in logs it is Gumbel-max (logit_i - log E_i), so no softmax, cumsum or
+        # multinomial (no device sync), and the winner depends only on each token's own logit and
+        # noise: a 1e-5 shift of the logits (another GEMM shape) flips it only when two perturbed
+        # scores are within 1e-5, unlike inverse-CDF sampling against a cumulative sum.
+        race = logits - torch.log(-torch.log(u))  # [S, V]
+        if t.any_greedy:
+            race = torch.where(t.greedy[:, None], logits, race)  # [S, V]
+        tokens = race.argmax(dim=-1)  # [S]
+    return compute_logprobs(logits, tokens, t.max_logprobs)
