@@ -1,0 +1,144 @@
+"""The engine: bifurcated vs replicated, compiled vs eager, batches of prompts with their own n,
+requests joining mid-run, per-sample stopping, and the errors raised before any work."""
+
+import pytest
+import torch
+
+from forklm import LLM, SamplingParams
+from forklm.errors import CapacityError, ContextLengthError, InvalidParameterError, TokenizerError
+from forklm.kv_cache import CacheShape
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12] * 7, [3]]
+
+
+def tokens(outs):
+    return [[o.token_ids for o in r.outputs] for r in outs]
+
+
+@pytest.fixture(scope="module")
+def folder(hf_models):
+    return str(hf_models["llama_gqa"][1])
+
+
+@pytest.mark.parametrize("family", ["llama_mha", "llama_gqa", "qwen2", "gpt2", "gpt_bigcode_mqa"])
+def test_bifurcated_equals_replicated(hf_models, family):
+    folder = str(hf_models[family][1])
+    p = SamplingParams(n=8, max_tokens=32, temperature=1.0, top_p=0.95, seed=7, ignore_eos=True)
+    bif = LLM(folder, kv_layout="bifurcated").generate(prompt_token_ids=PROMPTS, sampling_params=p)
+    rep = LLM(folder, kv_layout="replicated").generate(prompt_token_ids=PROMPTS, sampling_params=p)
+    assert tokens(bif) == tokens(rep)
+    assert all(len(t) == 32 for r in tokens(bif) for t in r)
+    assert len({tuple(t) for t in tokens(bif)[0]}) > 1  # samples differ
+
+
+def test_compiled_decode_equals_eager(folder):
+    p = SamplingParams(n=4, max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
+    eager = LLM(folder).generate(prompt_token_ids=PROMPTS[:2], sampling_params=p)
+    compiled = LLM(folder, compile=True).generate(prompt_token_ids=PROMPTS[:2], sampling_params=p)
+    assert tokens(eager) == tokens(compiled)
+
+
+def test_each_prompt_has_its_own_n_and_params(folder):
+    llm = LLM(folder)
+    params = [SamplingParams(n=1, max_tokens=5, temperature=0, ignore_eos=True),
+              SamplingParams(n=6, max_tokens=9, seed=1, ignore_eos=True),
+              SamplingParams(n=3, max_tokens=3, seed=2, top_k=5, ignore_eos=True)]
+    outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=params)
+    assert [len(r.outputs) for r in outs] == [1, 6, 3]
+    assert [len(r.outputs[0].token_ids) for r in outs] == [5, 9, 3]
+    # each request alone gives the same samples (seeded streams do not depend on the batch)
+    for prompt, p, out in zip(PROMPTS, params, outs):
+        alone = llm.generate(prompt_token_ids=[prompt], sampling_params=p)[0]
+        assert [o.token_ids for o in alone.outputs] == [o.token_ids for o in out.outputs]
+
+
+def test_finished_samples_do_not_change_the_others(folder):
+    llm = LLM(folder)
+    p = SamplingParams(n=8, max_tokens=24, temperature=1.0, seed=11, ignore_eos=True)
+    free = tokens(llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=p))
+    eos = free[0][0][3]  # a token that ends some samples early
+    llm.eos_token_ids = [eos]
+    stopped = llm.generate(prompt_token_ids=PROMPTS[:2],
+                           sampling_params=SamplingParams(n=8, max_tokens=24, temperature=1.0, seed=11))
+    n_stopped = 0
+    for r_free, r_stop in zip(free, stopped):
+        for f, o in zip(r_free, r_stop.outputs):
+            if eos in f:
+                cut = f.index(eos) + 1
+                assert o.token_ids == f[:cut] and o.finish_reason == "stop"
+                n_stopped += 1
+            else:
+                assert o.token_ids == f and o.finish_reason == "length"
+    assert 0 < n_stopped < 16
+
+
+def test_requests_join_a_running_engine(folder):
+    llm = LLM(folder)
+    p1 = SamplingParams(n=3, max_tokens=20, seed=5, ignore_eos=True)
+    p2 = SamplingParams(n=2, max_tokens=6, seed=6, ignore_eos=True)
+    engine = llm.make_engine(CacheShape(max_prompts=2, max_samples=5, max_samples_per_prompt=3,
+                                        max_prompt_len=32, max_new_tokens=20))
+    engine.add_request("a", PROMPTS[0], p1)
+    for _ in range(7):
+        engine.step()
+    engine.add_request("b", PROMPTS[1], p2)  # joins while "a" is mid-way
+    deltas = []
+    while engine.has_unfinished():
+        deltas += engine.step()
+    a, b = engine.pop_output("a"), engine.pop_output("b")
+    assert [o.token_ids for o in a.outputs] == tokens(llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=p1))[0]
+    assert [o.token_ids for o in b.outputs] == tokens(llm.generate(prompt_token_ids=[PROMPTS[1]], sampling_params=p2))[0]
+    streamed = {}
+    for d in deltas:
+        streamed.setdefault((d.request_id, d.index), []).extend(d.token_ids)
+    assert streamed[("b", 1)] == b.outputs[1].token_ids
+
+
+def test_waiting_request_runs_when_a_slot_frees(folder):
+    llm = LLM(folder)
+    engine = llm.make_engine(CacheShape(1, 2, 2, 32, 8))
+    p = SamplingParams(n=2, max_tokens=8, seed=1, ignore_eos=True)
+    engine.add_request("a", PROMPTS[0], p)
+    engine.add_request("b", PROMPTS[1], p)
+    engine.step()
+    assert engine.num_running == 1 and engine.num_waiting == 1
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.pop_output("a").finished and engine.pop_output("b").finished
+
+
+def test_abort_frees_rows(folder):
+    llm = LLM(folder)
+    engine = llm.make_engine(CacheShape(1, 2, 2, 32, 8))
+    engine.add_request("a", PROMPTS[0], SamplingParams(n=2, max_tokens=8, ignore_eos=True))
+    engine.step()
+    engine.abort("a")
+    assert not engine.has_unfinished() and not bool(engine.cache.live.any())
+
+
+def test_errors_before_any_work(folder, hf_models):
+    llm = LLM(folder)
+    with pytest.raises(ContextLengthError, match="context length"):
+        llm.generate(prompt_token_ids=[[1] * 250], sampling_params=SamplingParams(max_tokens=10))
+    with pytest.raises(InvalidParameterError, match="prompt_token_ids"):
+        llm.generate(prompt_token_ids=[[1, 5000]])
+    with pytest.raises(InvalidParameterError, match="prompt"):
+        llm.generate(prompt_token_ids=[[]])
+    with pytest.raises(TokenizerError, match="no tokenizer"):
+        llm.generate(["text needs a tokenizer"])
+    with pytest.raises(InvalidParameterError, match="sampling_params"):
+        llm.generate(prompt_token_ids=[[1], [2]], sampling_params=[SamplingParams()])
+    with pytest.raises(InvalidParameterError, match="kv_layout"):
+        LLM(folder, kv_layout="paged")
+    with pytest.raises(InvalidParameterError, match="dtype"):
+        LLM(folder, dtype="float8")
+
+
+def test_n_too_large_for_memory_names_the_largest_n_that_fits(folder):
+    llm = LLM(folder, memory_fraction=1e-6)  # a budget of a few KB of the free RAM
+    with pytest.raises(CapacityError, match=r"at most n=\d+ fits") as e:
+        llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(n=4096, max_tokens=200))
+    fit = e.value.max_n
+    assert 0 <= fit < 4096
+    if fit:
+        llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(n=fit, max_tokens=200, ignore_eos=True))
