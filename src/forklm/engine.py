@@ -23,7 +23,16 @@ from .errors import CapacityError, ContextLengthError, InvalidParameterError, To
 from .kv_cache import KVCache
 from .model import Transformer
 from .outputs import CompletionOutput, Logprob, RequestOutput, SampleDelta
-from .sampling import RowSpec, SamplingParams, SamplingTensors, TokenHistory, fresh_seed, process_logits, sample
+from .sampling import (
+    BeamSearchState,
+    RowSpec,
+    SamplingParams,
+    SamplingTensors,
+    TokenHistory,
+    fresh_seed,
+    process_logits,
+    sample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,8 @@ class _Request:
     samples: list[_Sample] = field(default_factory=list)
     prompt_logprobs: list | None = None
     first_token_time: float | None = None
+    beam: BeamSearchState | None = None  # set for beam search requests
+    beam_done: bool = False
 
     @property
     def finished(self) -> bool:
@@ -113,8 +124,6 @@ class Engine:
             raise CapacityError(f"n={n}: the KV cache holds at most {fit} samples per prompt", max_n=fit)
         if (params.stop or params.bad_words) and self.tokenizer is None:
             raise TokenizerError("stop / bad_words need a tokenizer; this model has none")
-        if params.beam_width > 1:
-            raise InvalidParameterError("beam_width", "beam search is not supported by this engine yet")
         if request_id in self._running or any(r.request_id == request_id for r in self._waiting):
             raise InvalidParameterError("request_id", f"{request_id!r} is already running")
         seed = params.seed if params.seed is not None else fresh_seed()
@@ -161,12 +170,36 @@ class Engine:
             return []
         if self._tensors is None:
             self._tensors = SamplingTensors.build(self._row_specs, self.vocab_size, self.device)
+        beams = [r for r in self._running.values() if r.beam is not None and not r.beam_done]
+        for req in beams:  # beam search scores log-probabilities (then processors), as transformers does
+            rows = self._rows(req)
+            logits[rows] = torch.log_softmax(logits[rows], dim=-1)
         processed = process_logits(logits, self._tensors, self._history)
         result = sample(processed, self._tensors, self._history)
         tokens = torch.where(producing, result.tokens, self._next_tokens)  # [S]
+        if beams:
+            self._beam_step(beams, processed, tokens)
         self._history.append(tokens, producing)
         self._next_tokens = tokens
-        return self._bookkeep(producing, tokens, result, logits)
+        return self._bookkeep(producing, tokens, result)
+
+    def _rows(self, req: _Request) -> Tensor:
+        return torch.tensor([s.row for s in req.samples], dtype=torch.long, device=self.device)
+
+    def _beam_step(self, beams: list[_Request], processed: Tensor, tokens: Tensor) -> None:
+        """Pick each beam request's next k beams; reorder the sample cache and history rows by parent."""
+        S = tokens.shape[0]
+        source = torch.arange(S, device=self.device)  # [S] row i continues row source[i]
+        for req in beams:
+            rows = self._rows(req)
+            step = req.beam.step(processed[rows])  # over [k, V]
+            tokens[rows] = step.next_tokens
+            source[rows] = rows[step.parent_rows]
+            req.beam_done = bool(step.done[0])
+        moved = (source != torch.arange(S, device=self.device)).nonzero().flatten()  # [M]
+        if moved.numel():
+            self.cache.reorder(moved, source[moved])  # only the samples' own K/V move; the prompt stays
+            self._history.index_select(source)
 
     def _admit(self) -> list[_Request]:
         admitted = []
@@ -183,6 +216,8 @@ class Engine:
                 for s in req.samples:
                     s.logprobs = []
             self.cache.assign(req.slot, len(req.prompt_ids), rows)
+            if req.params.use_beam_search:
+                req.beam = BeamSearchState.from_params([req.params], self.eos_token_ids, self.device)
             bad_words = self._bad_words_ids(req.params)
             for s in req.samples:
                 self._row_specs[s.row] = RowSpec(req.params, s.index, req.seed, self.eos_token_ids, bad_words)
@@ -204,7 +239,7 @@ class Engine:
         return logits  # [1, V]
 
     # ---- per-sample bookkeeping (Python, once per produced token) ----------------------------
-    def _bookkeep(self, producing: Tensor, tokens: Tensor, result, logits: Tensor) -> list[SampleDelta]:
+    def _bookkeep(self, producing: Tensor, tokens: Tensor, result) -> list[SampleDelta]:
         now = time.perf_counter()
         token_list = tokens.tolist()
         chosen_lp = result.logprobs.tolist()
@@ -218,6 +253,10 @@ class Engine:
         for req in list(self._running.values()):
             if req.first_token_time is None:
                 req.first_token_time = now
+            if req.beam is not None:
+                if req.beam_done:
+                    self._finish_beams(req)
+                continue
             for s in req.samples:
                 if s.finish_reason or s.row not in live:
                     continue
@@ -297,6 +336,20 @@ class Engine:
         self._done[req.request_id] = RequestOutput(
             req.request_id, req.prompt, req.prompt_ids, outputs, True, req.prompt_logprobs, {"ttft_s": ttft}
         )
+
+    def _finish_beams(self, req: _Request) -> None:
+        """A beam search request is done: its n best hypotheses become the outputs."""
+        self._running.pop(req.request_id, None)
+        self._release(req)  # all k rows
+        ends = set(req.params.stop_token_ids) | (set() if req.params.ignore_eos else set(self.eos_token_ids))
+        hypotheses = req.beam.finalize()[0][: req.params.n]
+        req.samples = req.samples[: len(hypotheses)]
+        for s, (ids, score) in zip(req.samples, hypotheses):
+            s.token_ids, s.cumulative_logprob = ids, score
+            s.finish_reason = "stop" if ids and ids[-1] in ends else "length"
+            if s.detok is not None:
+                s.text = self.tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
+        self._finish(req)
 
     def _release(self, req: _Request) -> None:
         rows = [s.row for s in req.samples]
