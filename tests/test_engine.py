@@ -142,3 +142,16 @@ def test_n_too_large_for_memory_names_the_largest_n_that_fits(folder):
     assert 0 <= fit < 4096
     if fit:
         llm.generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(n=fit, max_tokens=200, ignore_eos=True))
+
+
+def test_sliding_window_bounds_the_context(tmp_path):
+    import transformers as tf
+
+    tf.MistralForCausalLM(tf.MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, sliding_window=16,
+                                           max_position_embeddings=128)).save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path))
+    with pytest.raises(ContextLengthError, match="sliding_window"):
+        llm.generate(prompt_token_ids=[[1] * 10], sampling_params=SamplingParams(max_tokens=8))
+    assert len(llm.generate(prompt_token_ids=[[1] * 10], sampling_params=SamplingParams(max_tokens=6, ignore_eos=True))[0]
+               .outputs[0].token_ids) == 6

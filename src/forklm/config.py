@@ -54,6 +54,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     qkv_bias: bool = False  # Qwen2: bias on q/k/v projections
+    sliding_window: int | None = None  # Mistral / Qwen2: attention window (not implemented: bounds the context)
     # gpt2 style only
     activation: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" / "gelu"
     bos_token_id: int | None = None
@@ -124,6 +125,7 @@ class ModelConfig:
                 rope_theta=_rope_theta(cfg),
                 rope_scaling=_rope_scaling(cfg, source),
                 qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+                sliding_window=_sliding_window(cfg),
                 activation="silu",
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
@@ -157,6 +159,14 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
+
+
+def _sliding_window(cfg: dict) -> int | None:
+    """The window that actually applies: Qwen2 only uses it with use_sliding_window."""
+    window = cfg.get("sliding_window")
+    if cfg.get("model_type") == "qwen2" and not cfg.get("use_sliding_window", False):
+        return None
+    return int(window) if window else None
 
 
 def _rope_theta(cfg: dict) -> float:

@@ -114,6 +114,12 @@ class Engine:
                 f"prompt ({L} tokens) + max_tokens ({T}) = {L + T} exceeds the model's context length "
                 f"({cfg.max_position_embeddings})",
             )
+        if cfg.sliding_window and L + T > cfg.sliding_window:
+            raise ContextLengthError(
+                "max_tokens",
+                f"prompt ({L} tokens) + max_tokens ({T}) exceeds the model's sliding_window ({cfg.sliding_window}); "
+                "forklm attends to the full context, so it only runs within the window",
+            )
         if L > shape.max_prompt_len:
             raise ContextLengthError("prompt", f"{L} tokens exceed this engine's max_prompt_len ({shape.max_prompt_len})")
         if T > shape.max_new_tokens:
