@@ -3,17 +3,91 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
 
 HELP = "serve an OpenAI-compatible HTTP API (default model: the embedded SmolLM2-135M-Instruct)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None, help="Hugging Face folder, .gguf file or hub id (default: embedded SmolLM2)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face folder, .gguf file or hub id (default: embedded SmolLM2)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("FORKLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $FORKLM_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL as given)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="sample rows decoded together: the sum of n over running requests (default 64)")
+    p.add_argument("--max-n", type=int, default=None,
+                   help="most samples per prompt (default: --max-batch); the context part of decode attention "
+                        "costs max-prompts x max-n query rows per step, so lower it when prompts are many and n small")
+    p.add_argument("--max-prompts", type=int, default=8, help="prompts in the running batch (context slots, default 8)")
+    p.add_argument("--max-prompt-len", type=int, default=1024, help="longest prompt in tokens (default 1024)")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests (prompts) that may wait for the batch; beyond it 429 + Retry-After (default 256)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--kv-layout", choices=["bifurcated", "replicated"], default="bifurcated")
+    p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ForklmError
+    import uvicorn
 
-    raise ForklmError("the server is not implemented yet")
+    from ..api import LLM
+    from ..default_model import DEFAULT_MODEL_NAME
+    from ..errors import InvalidParameterError
+    from ..kv_cache import CacheShape
+    from ..server import EngineRunner, Metrics, ServerContext, build_app
+
+    for name in ("max_batch", "max_prompts", "max_prompt_len", "max_tokens", "max_queue"):
+        if getattr(args, name) < 1:
+            raise InvalidParameterError("--" + name.replace("_", "-"), "must be >= 1")
+    if args.max_n is not None and args.max_n < 1:
+        raise InvalidParameterError("--max-n", "must be >= 1")
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_layout=args.kv_layout, compile=args.compile)
+    context_len = llm.config.max_position_embeddings
+    shape = CacheShape(
+        max_prompts=args.max_prompts,
+        max_samples=args.max_batch,
+        max_samples_per_prompt=min(args.max_n or args.max_batch, args.max_batch),
+        max_prompt_len=min(args.max_prompt_len, context_len - 1),
+        max_new_tokens=min(args.max_tokens, context_len - 1),
+    )
+    engine = llm.make_engine(shape)  # CapacityError (naming the largest n that fits) if it does not
+    if args.model is None:
+        name, aliases = args.served_model_name or DEFAULT_MODEL_NAME, {DEFAULT_MODEL_NAME, "default"}
+    else:
+        name, aliases = args.served_model_name or str(args.model), {str(args.model), Path(str(args.model)).name}
+    metrics = Metrics(name)
+    runner = EngineRunner(engine, metrics, max_queue=args.max_queue)
+    runner.warm_up()
+    ctx = ServerContext(
+        runner=runner,
+        tokenizer=llm.tokenizer,
+        model_name=name,
+        context_len=context_len,
+        vocab_size=llm.config.vocab_size,
+        max_tokens=shape.max_new_tokens,
+        max_prompt_len=shape.max_prompt_len,
+        model_aliases=aliases,
+    )
+    app = build_app(ctx, api_key=args.api_key)
+    sys.stderr.write(
+        f"forklm serve: {name} on http://{args.host}:{args.port} ({shape.max_samples} sample rows, "
+        f"{shape.max_prompts} prompts, n <= {shape.max_samples_per_prompt}, prompt <= {shape.max_prompt_len} tokens, "
+        f"max_tokens <= {shape.max_new_tokens}, queue {args.max_queue}{', API key required' if args.api_key else ''})\n"
+    )
+    sys.stderr.flush()
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info" if getattr(args, "verbose", False) else "warning",
+        access_log=bool(getattr(args, "verbose", False)),
+        timeout_graceful_shutdown=3,
+    )
+    return 0

@@ -1,0 +1,148 @@
+"""The FastAPI application: routes, API key, body size limit, request counting.
+
+`build_app(ctx)` wires an already running `EngineRunner` (inside `ctx`) to the routes:
+POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from .errors import APIError, install_handlers
+from .handlers import ServerContext, create_chat_completion, create_completion
+from .protocol import ChatCompletionRequest, CompletionRequest
+
+#: Largest request body accepted (413 beyond it), unless build_app is told otherwise.
+MAX_BODY_BYTES = 32 * 2**20
+
+
+class _Guard:
+    """Pure ASGI middleware: 413 for an oversized body, and a count of responses by path and status.
+
+    (Pure ASGI rather than BaseHTTPMiddleware, which would get between a stream and the
+    disconnect it must notice.)
+    """
+
+    def __init__(self, app, metrics, max_body_bytes: int, known_paths: set[str]):
+        self.app, self.metrics, self.max_body_bytes, self.known_paths = app, metrics, max_body_bytes, known_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in self.known_paths else "other"
+        status = {"code": 0}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        headers = dict(scope["headers"])
+        try:
+            length = int(headers[b"content-length"]) if b"content-length" in headers else None
+        except ValueError:
+            length = -1
+        try:
+            if length is not None:
+                if length < 0:
+                    error = APIError(400, "invalid Content-Length header", code="invalid_request")
+                    return await error.response()(scope, receive, counting_send)
+                if length > self.max_body_bytes:
+                    return await self._too_large(scope, receive, counting_send)
+                return await self.app(scope, receive, counting_send)
+            # no Content-Length (chunked): read the body here, counting, then hand it on
+            parts, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return None  # the client left before sending its body
+                parts.append(message.get("body", b""))
+                size += len(parts[-1])
+                more = message.get("more_body", False)
+                if size > self.max_body_bytes:
+                    return await self._too_large(scope, receive, counting_send)
+            body, replayed = b"".join(parts), False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            return await self.app(scope, replay, counting_send)
+        finally:
+            self.metrics.count_http(path, status["code"])
+
+    async def _too_large(self, scope, receive, send):
+        error = APIError(413, f"the request body exceeds the limit ({self.max_body_bytes} bytes)",
+                         code="request_too_large")
+        await error.response()(scope, receive, send)
+
+
+def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The OpenAI-compatible app over `ctx.runner` (started here, stopped at shutdown)."""
+    runner = ctx.runner
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not runner.alive:
+            runner.start()
+        yield
+        runner.stop()
+
+    app = FastAPI(title="forklm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    install_handlers(app)
+    created = int(time.time())
+
+    async def check_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(check_api_key)]
+
+    def model_card() -> dict:
+        return {"id": ctx.model_name, "object": "model", "created": created, "owned_by": "forklm",
+                "max_model_len": ctx.context_len}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not runner.alive:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(runner.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=auth)
+    async def list_models() -> Response:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    async def get_model(model_id: str) -> Response:
+        ctx.check_model(model_id)
+        return JSONResponse(model_card())
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await create_completion(body, request, ctx)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await create_chat_completion(body, request, ctx)
+
+    known = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+    app.add_middleware(_Guard, metrics=runner.metrics, max_body_bytes=max_body_bytes, known_paths=known)
+    return app
+
