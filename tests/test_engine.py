@@ -155,3 +155,18 @@ def test_sliding_window_bounds_the_context(tmp_path):
         llm.generate(prompt_token_ids=[[1] * 10], sampling_params=SamplingParams(max_tokens=8))
     assert len(llm.generate(prompt_token_ids=[[1] * 10], sampling_params=SamplingParams(max_tokens=6, ignore_eos=True))[0]
                .outputs[0].token_ids) == 6
+
+
+def test_out_of_vocabulary_ids_in_params_fail_before_admission(folder):
+    llm = LLM(folder)
+    engine = llm.make_engine(CacheShape(1, 1, 1, 8, 4))
+    for bad in (SamplingParams(max_tokens=2, stop_token_ids=[10**6]), SamplingParams(max_tokens=2, logit_bias={10**6: 1.0})):
+        with pytest.raises(InvalidParameterError, match="stop_token_ids|logit_bias"):
+            engine.add_request("x", [1, 2], bad)
+    assert not engine.has_unfinished()
+
+
+def test_huge_no_repeat_ngram_size_is_cheap(folder):
+    out = LLM(folder).generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(
+        max_tokens=4, no_repeat_ngram_size=2**31, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4

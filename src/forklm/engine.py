@@ -128,6 +128,9 @@ class Engine:
         if n > min(shape.max_samples_per_prompt, shape.max_samples):
             fit = min(shape.max_samples_per_prompt, shape.max_samples)
             raise CapacityError(f"n={n}: the KV cache holds at most {fit} samples per prompt", max_n=fit)
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias))):
+            if any(not 0 <= i < self.vocab_size for i in ids):
+                raise InvalidParameterError(name, f"token ids must be in [0, {self.vocab_size})")
         if (params.stop or params.bad_words) and self.tokenizer is None:
             raise TokenizerError("stop / bad_words need a tokenizer; this model has none")
         if request_id in self._running or any(r.request_id == request_id for r in self._waiting):
@@ -297,6 +300,8 @@ class Engine:
             s.finish_reason = "length"
         if s.finish_reason is not None:
             self.cache.live[s.row] = False
+            if s.detok is not None and not isinstance(s.stop_reason, str):
+                s.text += s.detok.flush()  # text held back for an incomplete character
         hold = 0 if s.finish_reason or not p.stop else max(len(x) for x in p.stop) - 1
         release_to = max(s.released, len(s.text) - hold)
         text, s.released = s.text[s.released : release_to], release_to

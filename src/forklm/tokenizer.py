@@ -307,8 +307,8 @@ class Tokenizer:
             )
         except (InvalidParameterError, TokenizerError):
             raise
-        except jinja2.TemplateError as error:
-            raise TokenizerError(f"chat template failed to render: {error}") from error
+        except (jinja2.TemplateError, TypeError, ValueError) as error:  # e.g. "+" on a null content
+            raise InvalidParameterError("messages", f"the chat template cannot render these messages: {error}") from error
 
     def _template(self) -> jinja2.Template:
         if self.chat_template is None:

@@ -57,7 +57,7 @@ def apply_no_repeat_ngram(logits: Tensor, tokens: Tensor, length: Tensor, ngram_
     n = ngram_size[:, None]  # [S, 1]
     pos = torch.arange(L, device=tokens.device)[None, :]  # [1, L]
     match = (pos >= n - 1) & (pos < length[:, None]) & (n > 0)  # [S, L] windows that exist
-    for offset in range(1, max_ngram):
+    for offset in range(1, min(max_ngram, L + 1)):  # an n-gram longer than the history matches nothing
         suffix_token = tokens.gather(1, (length - offset).clamp(min=0)[:, None])  # [S, 1]
         window_token = F.pad(tokens, (offset, 0), value=-1)[:, :L]  # [S, L]: tokens[p - offset]
         match &= (window_token == suffix_token) | (offset >= n)
