@@ -25,7 +25,11 @@ def make_decode_fn(model, cache, compile: bool) -> Callable[[Tensor], Tensor]:
     """The decode step bound to a model and cache, compiled (fullgraph, static shapes) when asked."""
     fn = decode_step
     if compile:
-        mode = "reduce-overhead" if cache.device.type == "cuda" else None
+        mode = None
+        if cache.device.type == "cuda":
+            mode = "reduce-overhead"  # CUDA graphs; the cache is updated in place at fixed addresses
+            for t in cache.state_tensors():
+                torch._dynamo.mark_static_address(t)
         fn = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
         log.info("decode step compiled with torch.compile(fullgraph=True, mode=%s)", mode)
     return lambda tokens: fn(model, cache, tokens)

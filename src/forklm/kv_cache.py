@@ -109,6 +109,14 @@ class KVCache:
     def _sample_buffers(self) -> list[Tensor]:
         raise NotImplementedError
 
+    def state_tensors(self) -> list[Tensor]:
+        """Every tensor the decode step reads or writes in place (for CUDA graphs: static addresses)."""
+        meta = [self.prompt_len, self.sample_prompt, self.dec_len, self.live, self.prompt_rows, self.row_pos]
+        return meta + self._all_buffers()
+
+    def _all_buffers(self) -> list[Tensor]:
+        raise NotImplementedError
+
     def nbytes(self) -> int:
         raise NotImplementedError
 
@@ -134,6 +142,9 @@ class BifurcatedCache(KVCache):
 
     def _sample_buffers(self) -> list[Tensor]:
         return self.kd + self.vd
+
+    def _all_buffers(self) -> list[Tensor]:
+        return self.kc + self.vc + self.kd + self.vd
 
     def prefill_view(self, slot: int, rows: list[int]) -> _PrefillView:
         def write(layer: int, k: Tensor, v: Tensor) -> None:
@@ -184,6 +195,9 @@ class ReplicatedCache(KVCache):
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def _sample_buffers(self) -> list[Tensor]:
+        return self.k + self.v
+
+    def _all_buffers(self) -> list[Tensor]:
         return self.k + self.v
 
     def prefill_view(self, slot: int, rows: list[int]) -> _PrefillView:
