@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .compile import make_decode_fn
+from .compile import make_decode_fn, make_sample_fn
 from .errors import CapacityError, ContextLengthError, InvalidParameterError, TokenizerError
 from .kv_cache import KVCache
 from .model import Transformer
@@ -31,7 +31,6 @@ from .sampling import (
     TokenHistory,
     fresh_seed,
     process_logits,
-    sample,
 )
 
 log = logging.getLogger(__name__)
@@ -87,6 +86,7 @@ class Engine:
         shape = cache.shape
         S = shape.max_samples
         self._decode = make_decode_fn(model, cache, compile)
+        self._sample = make_sample_fn(compile)
         self._next_tokens = torch.zeros(S, dtype=torch.long, device=self.device)  # [S] token fed next step
         self._history = TokenHistory(S, shape.max_prompt_len + shape.max_new_tokens, self.vocab_size, self.device)
         self._row_specs: list[RowSpec] = [RowSpec.idle() for _ in range(S)]
@@ -166,11 +166,12 @@ class Engine:
         S = self.cache.shape.max_samples
         producing = torch.zeros(S, dtype=torch.bool, device=self.device)  # [S] rows sampled this step
         decoding = self.cache.live.clone()  # rows that already hold a token to feed
-        logits = torch.zeros(S, self.vocab_size, device=self.device)  # [S, V]
         if bool(decoding.any()):
             logits = self._decode(self._next_tokens)  # [S, V]
             self.cache.advance()
             producing |= decoding
+        else:
+            logits = torch.zeros(S, self.vocab_size, device=self.device)  # [S, V] filled by prefills
         for req in self._admit():
             rows = [s.row for s in req.samples]
             logits[rows] = self._prefill(req)  # [1, V] broadcast to the request's n rows
@@ -184,7 +185,7 @@ class Engine:
             rows = self._rows(req)
             logits[rows] = torch.log_softmax(logits[rows], dim=-1)
         processed = process_logits(logits, self._tensors, self._history)
-        result = sample(processed, self._tensors, self._history)
+        result = self._sample(processed, self._tensors, self._history)
         tokens = torch.where(producing, result.tokens, self._next_tokens)  # [S]
         if beams:
             self._beam_step(beams, processed, tokens)
