@@ -561,7 +561,7 @@ def plot(res: dict, path: Path) -> None:
         for mode in MODES:
             pts = sorted((c["n"], c["step_ms"]) for c in done if c["mode"] == mode)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=mode)
+                ax.plot(*zip(*pts), marker="o", label=mode, color=f"C{MODES.index(mode)}")  # one colour per mode
         fl = sorted({(c["n"], c["floor_ms"]) for c in done if c["mode"] == "bifurcated"})
         if fl:
             ax.plot(*zip(*fl), "k--", label="floor")
