@@ -51,3 +51,11 @@ def hf_models(tmp_path_factory):
         model.save_pretrained(folder)
         out[family] = (model, folder)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm_path():
+    """The embedded SmolLM2 GGUF (installed by the README's commands; a missing one fails loudly)."""
+    from forklm.default_model import default_model_path
+
+    return default_model_path()

@@ -10,19 +10,10 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
-from forklm.default_model import default_model_path
 from forklm.errors import CheckpointError, ModelNotAvailableError, UnsupportedModelError
 from forklm.gguf import load_gguf
 
 from conftest import make_hf_model
-
-
-@pytest.fixture(scope="module")
-def smollm_path():
-    try:
-        return default_model_path()
-    except ModelNotAvailableError as error:
-        pytest.skip(str(error))
 
 
 @pytest.fixture(scope="module")

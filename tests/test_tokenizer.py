@@ -10,8 +10,7 @@ import pytest
 import sentencepiece
 import tokenizers
 
-from forklm.default_model import default_model_path
-from forklm.errors import InvalidParameterError, ModelNotAvailableError, TokenizerError
+from forklm.errors import InvalidParameterError, TokenizerError
 from forklm.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
@@ -36,14 +35,6 @@ CONVERSATIONS = [
         {"role": "user", "content": "And 3+3? 🤔"},
     ],
 ]
-
-
-@pytest.fixture(scope="module")
-def smollm_path():
-    try:
-        return default_model_path()
-    except ModelNotAvailableError as error:
-        pytest.skip(str(error))
 
 
 @pytest.fixture(scope="module")
