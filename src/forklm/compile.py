@@ -21,6 +21,25 @@ def decode_step(model, cache, tokens: Tensor) -> Tensor:
     return model(tokens.unsqueeze(1), positions.unsqueeze(1), cache)  # [S, 1] -> [S, V]
 
 
+def with_eager_fallback(compiled: Callable, eager: Callable, name: str) -> Callable:
+    """`compiled`, falling back to `eager` for good once torch.compile refuses to recompile.
+
+    Each engine shape (prompt length, samples, ...) is a new graph of the same function; past
+    dynamo's recompile limit (8) the compiled call raises instead of running.
+    """
+    state = {"fn": compiled}
+
+    def call(*args):
+        try:
+            return state["fn"](*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            log.warning("%s: torch.compile recompile limit reached; running eagerly from now on", name)
+            state["fn"] = eager
+            return eager(*args)
+
+    return call
+
+
 def make_sample_fn(compile: bool) -> Callable:
     """`sampling.sample` (counter-based noise, race, log probs), compiled when asked.
 
@@ -30,7 +49,9 @@ def make_sample_fn(compile: bool) -> Callable:
     """
     from .sampling import sample
 
-    return torch.compile(sample, fullgraph=True, dynamic=False) if compile else sample
+    if not compile:
+        return sample
+    return with_eager_fallback(torch.compile(sample, fullgraph=True, dynamic=False), sample, "sampler")
 
 
 def make_decode_fn(model, cache, compile: bool) -> Callable[[Tensor], Tensor]:
@@ -42,6 +63,8 @@ def make_decode_fn(model, cache, compile: bool) -> Callable[[Tensor], Tensor]:
             mode = "reduce-overhead"  # CUDA graphs; the cache is updated in place at fixed addresses
             for t in cache.state_tensors():
                 torch._dynamo.mark_static_address(t)
-        fn = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+        fn = with_eager_fallback(
+            torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode), decode_step, "decode step"
+        )
         log.info("decode step compiled with torch.compile(fullgraph=True, mode=%s)", mode)
     return lambda tokens: fn(model, cache, tokens)
