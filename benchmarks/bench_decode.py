@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from forklm import LLM, SamplingParams
 from forklm.api import DTYPES, available_memory_bytes
 from forklm.config import ModelConfig
+from forklm.cpu_linear import PACK_ROWS_HINT, packed_linear_op, packing_available
 from forklm.kv_cache import KV_LAYOUTS, CacheShape
 
 MODES = ("bifurcated", "bifurcated-compiled", "replicated", "hf")
@@ -130,19 +131,32 @@ def measure_bandwidth() -> dict:
 
 @torch.inference_mode()
 def measure_gemm(d: Dims, M: int, dtype: torch.dtype) -> dict:
-    """GFLOP/s of F.linear at M rows on the decode step's weight shapes, two ways:
+    """GFLOP/s at M rows on the decode step's weight shapes, two ways:
     "model": one pass over distinct weights shaped and counted as the model's (all of them: 0.4 GB in
     float32 for the default model, more than the caches, so weights stream from memory as in a real step);
-    "hot": each shape alone, repeated on one weight (cache-hot: the GEMM kernels' peak)."""
-    ws = [torch.full((o, i), 0.01, dtype=dtype) for o, i, c in d.linears for _ in range(c)]
+    "hot": each shape alone, repeated on one weight (cache-hot: the GEMM kernels' peak).
+    Each way with `F.linear` and, where forklm packs weights (float32 on CPU), with oneDNN on prepacked
+    weights (cpu_linear.py); the faster of the two is the rate (`f_linear_*` / `packed_*` keep both)."""
+    kernels = {"f_linear": (lambda w: w, F.linear)}
+    if dtype == torch.float32 and packing_available():
+        op = packed_linear_op()
+        kernels["packed"] = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT),
+                             lambda x, w: op(x, w, None))
     xs = {i: torch.full((M, i), 0.5, dtype=dtype) for _, i, _ in d.linears}
-    flops = sum(2 * M * w.shape[0] * w.shape[1] for w in ws)
-    model = flops / _time_s(lambda: [F.linear(xs[w.shape[1]], w) for w in ws], reps=3, best=True) / GB
-    hot_s = 0.0
-    for o, i, c in d.linears:
-        w = torch.full((o, i), 0.01, dtype=dtype)
-        hot_s += c * _time_s(lambda: F.linear(xs[i], w), reps=3, best=True)
-    return {"model": model, "hot": flops / hot_s / GB}
+    shapes = [(o, i) for o, i, c in d.linears for _ in range(c)]
+    flops = sum(2 * M * o * i for o, i in shapes)
+    out = {}
+    for name, (prep, lin) in kernels.items():
+        ws = [prep(torch.full((o, i), 0.01, dtype=dtype)) for o, i in shapes]
+        out[f"{name}_model"] = flops / _time_s(lambda: [lin(xs[w.shape[1]], w) for w in ws], reps=3, best=True) / GB
+        del ws
+        hot_s = 0.0
+        for o, i, c in d.linears:
+            w = prep(torch.full((o, i), 0.01, dtype=dtype))
+            hot_s += c * _time_s(lambda: lin(xs[i], w), reps=3, best=True)
+        out[f"{name}_hot"] = flops / hot_s / GB
+    return {"model": max(v for k, v in out.items() if k.endswith("_model")),
+            "hot": max(v for k, v in out.items() if k.endswith("_hot")), **out}
 
 
 def floor_ms(d: Dims, n: int, L: int, t: float, es: int, bw: float, rate: float) -> dict:
@@ -163,15 +177,15 @@ class Rates:
         b = measure_bandwidth()
         self.bw, self.copy_bw = max(self.bw, b["read_gbs"]), max(self.copy_bw, b["copy_gbs"])
         key, new = f"{dtype_name}/M={n}", measure_gemm(self.d, n, DTYPES[dtype_name])
-        old = self.gemm.get(key, {"model": 0.0, "hot": 0.0})
-        self.gemm[key] = {k: max(old[k], new[k]) for k in new}
+        old = self.gemm.get(key, {})
+        self.gemm[key] = {k: max(old.get(k, 0.0), new[k]) for k in new}
         self.samples += 1
 
     def rate(self, dtype_name: str, n: int, kind: str = "model") -> float:
         return self.gemm[f"{dtype_name}/M={n}"][kind]
 
     def compute_rate(self, dtype_name: str, n: int, kind: str = "model") -> float:
-        """The FLOP term's rate: at M < 64 F.linear is bound by memory, which the bytes term already
+        """The FLOP term's rate: at M < 64 a GEMM is bound by memory, which the bytes term already
         counts, so the rate at M=64 serves as the floor's compute rate there."""
         return max(self.rate(dtype_name, n, kind), self.rate(dtype_name, 64, kind))
 
@@ -476,9 +490,11 @@ def markdown(res: dict) -> str:
     lines = [f"# Decode benchmark: {res['host']['cpu']}, {res['host']['threads']} threads, "
              f"{res['host']['cpu_capability']}", "", f"Command: `{res['command']}`", "",
              f"Model: {res['model']}. Floor from the best of {res['rates']['samples']} measurements in this run: "
-             f"read bandwidth {res['rates']['read_gbs']:.1f} GB/s; F.linear GFLOP/s over the decode step's own "
-             "weights (model pass; cache-hot per shape in brackets, the floor_hot_ms/ratio_hot of the JSON): "
-             + ", ".join(f"{k} {v['model']:.0f} ({v['hot']:.0f})" for k, v in res["rates"]["gemm_gflops"].items())
+             f"read bandwidth {res['rates']['read_gbs']:.1f} GB/s; GEMM GFLOP/s (the faster of F.linear and oneDNN on "
+             "prepacked weights, float32) over the decode step's own weights (model pass; cache-hot per shape in "
+             "brackets, the floor_hot_ms/ratio_hot of the JSON): "
+             + ", ".join(f"{k} {v['model']:.0f} ({v['hot']:.0f}; F.linear {v['f_linear_model']:.0f})"
+                         for k, v in res["rates"]["gemm_gflops"].items())
              + ". "
              f"Load average start {res['load_start']}, end {res.get('load_end')} (shared machine). "
              f"per_token_ms = (TTFT + {res['args']['gen_tokens'] - 1} x step) / (n x {res['args']['gen_tokens']}).", "",

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from .checkpoint import load_checkpoint
+from .cpu_linear import pack_linears
 from .engine import Engine
 from .errors import CapacityError, InvalidParameterError, TokenizerError
 from .kv_cache import KV_LAYOUTS, CacheShape
@@ -77,6 +78,8 @@ class LLM:
         self.kv_layout, self.compile, self.memory_fraction = kv_layout, compile, memory_fraction
         ckpt = load_checkpoint(model, self.dtype, self.device)
         self.model, self.config, self.tokenizer = ckpt.model, ckpt.config, ckpt.tokenizer
+        if self.device.type == "cpu":
+            pack_linears(self.model)  # float32 only: oneDNN with prepacked weights (cpu_linear.py)
         self.eos_token_ids = ckpt.eos_token_ids
         self.source = ckpt.source
         self._request_counter = 0
