@@ -32,10 +32,22 @@ def test_bifurcated_equals_replicated(hf_models, family):
 
 
 def test_compiled_decode_equals_eager(folder):
+    from torch._dynamo.utils import counters
+
     p = SamplingParams(n=4, max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
-    eager = LLM(folder).generate(prompt_token_ids=PROMPTS[:2], sampling_params=p)
-    compiled = LLM(folder, compile=True).generate(prompt_token_ids=PROMPTS[:2], sampling_params=p)
+    eager_llm, compiled_llm = LLM(folder), LLM(folder, compile=True)
+    eager = eager_llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=p)
+    compiled = compiled_llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=p)
     assert tokens(eager) == tokens(compiled)
+    # a call of nearby sizes (same buckets: prompts 21 -> 19 tokens, 12 -> 10 new, 8 -> 7 rows) reuses
+    # the compiled graphs
+    graphs = counters["stats"]["unique_graphs"]
+    p2 = [SamplingParams(n=3, max_tokens=10, temperature=0.7, seed=5, ignore_eos=True),
+          SamplingParams(n=4, max_tokens=9, temperature=1.0, top_k=20, seed=6, ignore_eos=True)]
+    prompts = [PROMPTS[1][:19], PROMPTS[0]]
+    again = compiled_llm.generate(prompt_token_ids=prompts, sampling_params=p2)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert tokens(again) == tokens(eager_llm.generate(prompt_token_ids=prompts, sampling_params=p2))
 
 
 def test_each_prompt_has_its_own_n_and_params(folder):

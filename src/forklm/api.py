@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from .checkpoint import load_checkpoint
+from .compile import bucket
 from .cpu_linear import pack_linears
 from .engine import Engine
 from .errors import CapacityError, InvalidParameterError, TokenizerError
@@ -101,6 +102,18 @@ class LLM:
         cache = KV_LAYOUTS[self.kv_layout](self.config, shape, self.dtype, self.device)
         return Engine(self.model, cache, self.tokenizer, self.eos_token_ids, compile=self.compile)
 
+    def _engine_for(self, shape: CacheShape) -> Engine:
+        """An engine for `shape`; when compiling, sized up to buckets (compile.bucket) so that later
+        calls of nearby sizes reuse the compiled graphs, unless the padded cache would not fit."""
+        if not self.compile:
+            return self.make_engine(shape)
+        padded = CacheShape(*(bucket(getattr(shape, f)) for f in (
+            "max_prompts", "max_samples", "max_samples_per_prompt", "max_prompt_len", "max_new_tokens")))
+        try:
+            return self.make_engine(padded)
+        except CapacityError:
+            return self.make_engine(shape)
+
     def max_n_that_fits(self, shape: CacheShape, budget: int) -> int:
         """The largest samples-per-prompt count whose cache fits `budget`, other sizes fixed."""
         lo, hi = 0, 1
@@ -148,7 +161,7 @@ class LLM:
             max_prompt_len=max(1, max(len(i) for i in ids)),
             max_new_tokens=max(p.max_tokens for p in params),
         )
-        engine = self.make_engine(shape)
+        engine = self._engine_for(shape)
         request_ids = []
         for text, prompt_ids, p in zip(texts, ids, params):
             self._request_counter += 1

@@ -21,6 +21,18 @@ def decode_step(model, cache, tokens: Tensor) -> Tensor:
     return model(tokens.unsqueeze(1), positions.unsqueeze(1), cache)  # [S, 1] -> [S, V]
 
 
+def bucket(x: int) -> int:
+    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) that is >= x.
+
+    Compiled engines are sized to buckets so that calls of nearby sizes reuse one graph instead of
+    compiling again (tens of seconds each on a small CPU); the padding costs at most 50% of a dimension.
+    """
+    if x <= 2:
+        return max(x, 1)
+    p = 1 << (x - 1).bit_length()  # the power of two >= x
+    return 3 * p // 4 if 3 * p // 4 >= x else p
+
+
 def with_eager_fallback(compiled: Callable, eager: Callable, name: str) -> Callable:
     """`compiled`, falling back to `eager` for good once torch.compile refuses to recompile.
 

@@ -307,3 +307,17 @@ def assert_same_scores(ours: torch.Tensor, theirs: torch.Tensor):
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
     finite = ~torch.isinf(theirs)
     torch.testing.assert_close(ours[finite], theirs[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_idle_rows_do_not_make_a_batch_greedy_nor_change_its_draws():
+    """Spare rows of a padded engine are greedy but do not switch the sampler's path or the others' tokens."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    live = [RowSpec(SamplingParams(seed=4), i, 4) for i in range(2)]
+    t = SamplingTensors.build(live + [RowSpec.idle()], 50, "cpu")
+    assert not t.any_greedy and not t.all_greedy
+    _, full = draw(logits, live + [RowSpec.idle()])
+    _, alone = draw(logits[:2], live)
+    assert torch.equal(full.tokens[:2], alone.tokens)
+    greedy = SamplingTensors.build([RowSpec(SamplingParams(temperature=0.0), 0, 0), RowSpec.idle()], 50, "cpu")
+    assert greedy.any_greedy and greedy.all_greedy

@@ -33,11 +33,13 @@ class RowSpec:
     """The model's end-of-sequence ids (banned while fewer than `min_tokens` were generated)."""
     bad_words_ids: list[list[int]] = field(default_factory=list)
     """Token sequences never generated (the engine's tokenization of `params.bad_words`)."""
+    is_idle: bool = False
+    """The row serves no request: its token is thrown away."""
 
     @classmethod
     def idle(cls) -> RowSpec:
         """A row that serves no request: greedy and without any processor, so it costs nothing extra."""
-        return cls(SamplingParams(temperature=0.0), 0, 0)
+        return cls(SamplingParams(temperature=0.0), 0, 0, is_idle=True)
 
 
 def _pad_2d(rows: list[list[int]], fill: int) -> tuple[Tensor, Tensor]:
@@ -138,7 +140,7 @@ class SamplingTensors:
     all_greedy: bool
     """Every row is greedy: no random numbers are drawn."""
     any_greedy: bool
-    """Some row is greedy."""
+    """Some row serving a request is greedy (idle rows do not count)."""
 
     @classmethod
     def build(cls, rows: list[RowSpec], vocab_size: int, device: torch.device | str) -> SamplingTensors:
@@ -229,7 +231,9 @@ class SamplingTensors:
             use_top_p=any(p < 1.0 for p in top_p),
             use_min_p=any(p > 0.0 for p in min_p),
             all_greedy=all(greedy),
-            any_greedy=any(greedy),
+            # idle rows do not count: their token is thrown away, and a batch with spare rows then
+            # takes the same (compiled) sampling path as a full one
+            any_greedy=any(g for g, r in zip(greedy, rows) if not r.is_idle),
         )
 
 
