@@ -98,3 +98,28 @@ def test_same_values_on_cuda():
     cpu = uniform(seeds, index, step, 50000)
     cuda = uniform(seeds.cuda(), index.cuda(), step.cuda(), 50000)
     assert torch.equal(cuda.cpu(), cpu)
+
+
+def _uniform_bits_int64(keys: torch.Tensor, token_keys: torch.Tensor) -> torch.Tensor:
+    """The slow reference: the same mixer on int64 with every product masked back to 32 bits."""
+    mask = 0xFFFFFFFF
+    x = keys ^ token_keys
+    x = (x * 0x21F0AAAD) & mask
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & mask
+    x = x >> 9
+    return (x.to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
+@pytest.mark.parametrize("K", [1, 7, 64, 1001])
+def test_int32_uniform_bits_equal_the_int64_reference(K):
+    from forklm.sampling.random import _uniform_bits
+
+    g = torch.Generator().manual_seed(K)
+    edges = torch.tensor([0, 1, 2**31 - 1, 2**31, 2**32 - 1], dtype=torch.int64)
+    keys = torch.cat([edges, torch.randint(0, 2**32, (59,), generator=g)])[:, None]  # [64, 1]
+    token_keys = torch.randint(0, 2**32, (1, K), generator=g)
+    token_keys[0, : min(K, 5)] = edges[: min(K, 5)]
+    assert torch.equal(_uniform_bits(keys, token_keys), _uniform_bits_int64(keys, token_keys))
+    per_row = torch.randint(0, 2**32, (64, K), generator=g)  # uniform_at's [S, K] token keys
+    assert torch.equal(_uniform_bits(keys, per_row), _uniform_bits_int64(keys, per_row))
