@@ -1,10 +1,11 @@
 """Float32 linears on CPU through oneDNN, with each weight reordered once into oneDNN's blocked layout.
 
 `F.linear` in float32 on CPU runs MKL's sgemm on the row-major weight at every call. oneDNN with the
-weight prepacked runs the 110M-parameter Llama's decode linears 1.5x faster at 64 rows and 1.7x at
-1-8 rows on a 2-core AVX-512 host (`benchmarks/bench_cpu_linear.py`; results in
-benchmarks/results/cpu_linear.md). In bfloat16, `F.linear` already runs oneDNN: nothing to gain, so
-only float32 weights are packed.
+weight prepacked ran one pass over the 110M-parameter Llama's decode linears 1.8x faster at 64 rows
+and 1.9-2.9x at 1-8 rows on a 2-core AVX-512 host (`benchmarks/bench_cpu_linear.py`, results in
+benchmarks/results/cpu_linear.md). In bfloat16, `F.linear` already runs oneDNN; packing sped up
+that pass too (1.3x at 64 rows) but not the whole decode step (130 vs 124-128 ms at n=64, prompt
+2048, measured twice each), so only float32 weights are packed.
 
 `pack_linears(model)` swaps every float32 `nn.Linear` of a CPU model for a `PackedLinear` holding the
 packed weight instead of the dense one (same memory; a weight tied to the embedding stays dense there

@@ -68,7 +68,7 @@ def sample(logits: Tensor, t: SamplingTensors, h: TokenHistory) -> SampleResult:
         # multinomial (no device sync), and the winner depends only on each token's own logit and
         # noise: a 1e-5 shift of the logits (another GEMM shape) flips it only when two perturbed
         # scores are within 1e-5, unlike inverse-CDF sampling against a cumulative sum.
-        race = logits - torch.log(-torch.log(u))  # [S, V]
+        race = u.log_().neg_().log_().neg_().add_(logits)  # [S, V] logits - log(-log u), in place
         if t.any_greedy:
             race = torch.where(t.greedy[:, None], logits, race)  # [S, V]
         tokens = race.argmax(dim=-1)  # [S]
