@@ -362,8 +362,9 @@ def profile_step(folder: str, dtype_name: str, n: int, prompt: list[int], T: int
                     engine.step()
     ev = {e.key: e for e in prof.key_averages()}
     ms = lambda key, attr="cpu_time_total": getattr(ev[key], attr) / 1e3 / steps if key in ev else 0.0  # noqa: E731
-    linears = sum(ms(k, "self_cpu_time_total") for k in ("aten::mm", "aten::addmm"))
-    parts = {"step": ms("step"), "linears (aten::mm/addmm)": linears, "attention (cache.attend)": ms("attention"),
+    # F.linear's GEMMs, and oneDNN's for the float32 linears forklm packs (cpu_linear.py)
+    linears = sum(ms(k, "self_cpu_time_total") for k in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"))
+    parts = {"step": ms("step"), "linears (aten::mm/addmm, mkldnn linear)": linears, "attention (cache.attend)": ms("attention"),
              "rest of model (norms, rope, silu, residual, embedding)": ms("model") - linears - ms("attention"),
              "sampling (process_logits + sample)": ms("sampling"), "bookkeeping (Python per token)": ms("bookkeeping")}
     parts["rest of step (logits buffer, history, where)"] = parts["step"] - sum(list(parts.values())[1:])
