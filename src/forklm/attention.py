@@ -141,10 +141,15 @@ def _cpu_flash_with_lse(
     keep = _key_mask(valid_len, k.shape[-2])  # [B, 1, 1, L]
     # Additive mask in q's dtype: the op refuses a bool mask.
     mask = _additive_mask(keep, q.dtype, -math.inf)  # [B, 1, 1, L]
+    m = q.shape[-2]
+    if m == 1 and q.dtype != torch.float32:
+        # One query row in bf16/fp16 takes a slow path of the kernel: two copies of the row run 3x
+        # faster (L=2048: 1.36 -> 0.45 ms; L=8192: 5.7 -> 2.0 ms for 12 heads; float32: no gain).
+        q = torch.cat([q, q], dim=-2)  # [B, Hkv, 2, D]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, attn_mask=mask, scale=scale
-    )  # out [B, Hkv, M, D] q.dtype, lse [B, Hkv, M] float32
-    return _fix_empty_rows(out, lse.float(), valid_len)
+    )  # out [B, Hkv, M', D] q.dtype, lse [B, Hkv, M'] float32
+    return _fix_empty_rows(out[:, :, :m], lse[:, :, :m].float(), valid_len)
 
 
 def _cuda_efficient_with_lse(
