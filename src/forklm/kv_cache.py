@@ -51,6 +51,17 @@ def write_at(buf: Tensor, pos: Tensor, x: Tensor) -> None:
     buf.view(S * Hkv * T, D).index_copy_(0, flat, x.reshape(S * Hkv, D))
 
 
+def _window(pos: Tensor, capacity: int) -> int:
+    """How many leading slots of a row buffer decode attention reads: eagerly, only those written so
+    far (max(pos) + 1), so that a step early in a long generation skips the empty tail (the 110M
+    model, n=64, prompt 2048, 512 slots, a few tokens in: 165 instead of 238 ms per step;
+    benchmarks/results/decode_cpu_T512.md); compiled, all of them, since a graph's shapes are
+    static (the masks make both exact)."""
+    if torch.compiler.is_compiling():
+        return capacity
+    return int(pos.max()) + 1 if pos.numel() else capacity
+
+
 class _PrefillView:
     """Attention backend for prefilling one prompt: causal attention, K/V written to the cache."""
 
@@ -171,6 +182,7 @@ class BifurcatedCache(KVCache):
         pos = self.dec_len.clamp(max=self.shape.max_new_tokens - 1)  # [S]
         write_at(self.kd[layer], pos, k[:, :, 0])  # the current token, written before attending
         write_at(self.vd[layer], pos, v[:, :, 0])
+        w = _window(pos, self.shape.max_new_tokens)
         out = attention.bifurcated_decode_attention(
             q[:, :, 0],
             self.kc[layer],
@@ -178,8 +190,8 @@ class BifurcatedCache(KVCache):
             self.prompt_len,
             self.prompt_rows,
             self.row_pos,
-            self.kd[layer],
-            self.vd[layer],
+            self.kd[layer][:, :, :w],  # [S, Hkv, w, D]
+            self.vd[layer][:, :, :w],
             (pos + 1) * self.live,
             scale=q.shape[-1] ** -0.5,
         )  # [S, H, D]
@@ -226,8 +238,10 @@ class ReplicatedCache(KVCache):
         pos = self.positions().clamp(max=capacity - 1)  # [S] prompt_len + dec_len
         write_at(self.k[layer], pos, k[:, :, 0])
         write_at(self.v[layer], pos, v[:, :, 0])
+        w = _window(pos, capacity)
         out = attention.replicated_decode_attention(
-            q[:, :, 0], self.k[layer], self.v[layer], (pos + 1) * self.live, scale=q.shape[-1] ** -0.5
+            q[:, :, 0], self.k[layer][:, :, :w], self.v[layer][:, :, :w], (pos + 1) * self.live,
+            scale=q.shape[-1] ** -0.5,
         )  # [S, H, D]
         return out.unsqueeze(2)  # [S, H, 1, D]
 
