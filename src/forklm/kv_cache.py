@@ -54,9 +54,9 @@ def write_at(buf: Tensor, pos: Tensor, x: Tensor) -> None:
 def _window(pos: Tensor, capacity: int) -> int:
     """How many leading slots of a row buffer decode attention reads: eagerly, only those written so
     far (max(pos) + 1), so that a step early in a long generation skips the empty tail (the 110M
-    model, n=64, prompt 2048, 512 slots, a few tokens in: 165 instead of 238 ms per step;
-    benchmarks/results/decode_cpu_T512.md); compiled, all of them, since a graph's shapes are
-    static (the masks make both exact)."""
+    model, n=64, prompt 2048, 512 slots, a few tokens in: 156 instead of 256 ms per step, replicated
+    449 instead of 772; benchmarks/results/decode_cpu_T512*.md); compiled, all of them, since a
+    graph's shapes are static (the masks make both exact)."""
     if torch.compiler.is_compiling():
         return capacity
     return int(pos.max()) + 1 if pos.numel() else capacity
