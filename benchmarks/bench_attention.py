@@ -11,13 +11,11 @@ Writes OUT.json, OUT.md (the table) and OUT.png (ms per layer vs n, one line per
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import report
 import torch
 
 from forklm.attention import attention_with_lse, bifurcated_decode_attention, replicated_decode_attention
@@ -76,36 +74,19 @@ def main() -> None:
             rows.append(r)
             print(f"{r['dtype']:9s} n={n:4d}  bifurcated {r['bifurcated_ms']:7.3f}  context part {r['context_part_ms']:7.3f}"
                   f"  replicated {r['replicated_ms']:7.3f} ms/layer  x{r['speedup']:.2f}", flush=True)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    res = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "rows": rows,
-           "host": {"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__}}
+    res = {"command": report.command(), "rows": rows, "host": report.host()}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    md = [f"# Decode attention, one layer ({cpu}, {res['host']['threads']} threads, {res['host']['capability']})", "",
-          f"Command: `{res['command']}`", "",
-          f"MHA {H} heads, head dim {D}, prompt {args.len}, sample caches of {args.t} tokens (10 decoded); eager; "
-          "median ms per layer over passes of 12 layers' distinct caches.", "",
-          "| dtype | n | bifurcated ms | context part ms | replicated ms | replicated / bifurcated |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['dtype']} | {r['n']} | {r['bifurcated_ms']:.3f} | {r['context_part_ms']:.3f} | "
-           f"{r['replicated_ms']:.3f} | {r['speedup']:.2f}x |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for dt in args.dtypes.split(","):
-        sel = [r for r in rows if r["dtype"] == dt]
-        for key, style in (("bifurcated_ms", "o-"), ("replicated_ms", "s--"), ("context_part_ms", "^:")):
-            ax.plot([r["n"] for r in sel], [r[key] for r in sel], style, label=f"{key[:-3]} {dt}")
-    ax.set(xscale="log", yscale="log", xlabel="n (samples of one prompt)", ylabel="ms per layer",
-           title=f"Decode attention, prompt {args.len}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    report.write(out, res, "Decode attention, one layer",
+                 f"MHA {H} heads, head dim {D}, prompt {args.len}, sample caches of {args.t} tokens (10 decoded); "
+                 "eager; median ms per layer over passes of 12 layers' distinct caches.",
+                 [("dtype", "dtype", "{}"), ("n", "n", "{}"), ("bifurcated ms", "bifurcated_ms", "{:.3f}"),
+                  ("context part ms", "context_part_ms", "{:.3f}"), ("replicated ms", "replicated_ms", "{:.3f}"),
+                  ("replicated / bifurcated", "speedup", "{:.2f}x")], rows)
+    series = [(f"{key[:-3]} {dt}", [r["n"] for r in rows if r["dtype"] == dt], [r[key] for r in rows if r["dtype"] == dt], style)
+              for dt in args.dtypes.split(",")
+              for key, style in (("bifurcated_ms", "o-"), ("replicated_ms", "s--"), ("context_part_ms", "^:"))]
+    report.plot(out.with_suffix(".png"), series, "n (samples of one prompt)", "ms per layer",
+                f"Decode attention, prompt {args.len}")
     print(f"wrote {out}.json, .md, .png")
 
 

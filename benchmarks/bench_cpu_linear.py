@@ -11,13 +11,11 @@ Writes OUT.json, OUT.md (the table) and OUT.png (ms per pass vs M, one line per 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shlex
 import sys
 import time
 from pathlib import Path
 
+import report
 import torch
 import torch.nn.functional as F
 
@@ -71,35 +69,19 @@ def main() -> None:
             rows.append(r)
             print(f"{r['dtype']:9s} M={M:5d}  F.linear {r['f_linear_ms']:8.1f} ms ({r['f_linear_gflops']:4.0f} GFLOP/s)"
                   f"  packed {r['packed_ms']:8.1f} ms ({r['packed_gflops']:4.0f})  x{r['speedup']:.2f}", flush=True)
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    res = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "rows": rows,
-           "host": {"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "platform": platform.platform()}}
+    res = {"command": report.command(), "rows": rows, "host": report.host()}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    md = [f"# CPU linears: F.linear vs oneDNN prepacked ({cpu}, {res['host']['threads']} threads, "
-          f"{res['host']['capability']})", "", f"Command: `{res['command']}`", "",
-          "One pass over the 110M Llama-shape model's decode linears (85 weights, 109.5M parameters), best of the passes.",
-          "", "| dtype | M | F.linear ms | packed ms | speedup | F.linear GFLOP/s | packed GFLOP/s |", "|---|---|---|---|---|---|---|"]
-    md += [f"| {r['dtype']} | {r['M']} | {r['f_linear_ms']:.1f} | {r['packed_ms']:.1f} | {r['speedup']:.2f}x | "
-           f"{r['f_linear_gflops']:.0f} | {r['packed_gflops']:.0f} |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for dt in args.dtypes.split(","):
-        sel = [r for r in rows if r["dtype"] == dt]
-        ax.plot([r["M"] for r in sel], [r["f_linear_ms"] for r in sel], "o--", label=f"F.linear {dt}")
-        ax.plot([r["M"] for r in sel], [r["packed_ms"] for r in sel], "o-", label=f"oneDNN packed {dt}")
-    ax.set(xscale="log", yscale="log", xlabel="rows M", ylabel="ms per pass over the decode linears",
-           title="CPU linears, 110M Llama shape")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    report.write(out, res, "CPU linears: F.linear vs oneDNN prepacked",
+                 "One pass over the 110M Llama-shape model's decode linears (85 weights, 109.5M parameters), "
+                 "best of the passes.",
+                 [("dtype", "dtype", "{}"), ("M", "M", "{}"), ("F.linear ms", "f_linear_ms", "{:.1f}"),
+                  ("packed ms", "packed_ms", "{:.1f}"), ("speedup", "speedup", "{:.2f}x"),
+                  ("F.linear GFLOP/s", "f_linear_gflops", "{:.0f}"), ("packed GFLOP/s", "packed_gflops", "{:.0f}")], rows)
+    series = [(f"{label} {dt}", [r["M"] for r in rows if r["dtype"] == dt], [r[key] for r in rows if r["dtype"] == dt], style)
+              for dt in args.dtypes.split(",")
+              for label, key, style in (("F.linear", "f_linear_ms", "o--"), ("oneDNN packed", "packed_ms", "o-"))]
+    report.plot(out.with_suffix(".png"), series, "rows M", "ms per pass over the decode linears",
+                "CPU linears, 110M Llama shape")
     print(f"wrote {out}.json, .md, .png")
 
 
