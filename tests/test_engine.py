@@ -182,3 +182,14 @@ def test_huge_no_repeat_ngram_size_is_cheap(folder):
     out = LLM(folder).generate(prompt_token_ids=[[1, 2, 3]], sampling_params=SamplingParams(
         max_tokens=4, no_repeat_ngram_size=2**31, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_compiled_long_generation_one_window_graph_equals_eager(hf_models):
+    """Compiled on CPU, the attention window is a dynamic size: past 128 decoded tokens (where the
+    sample part switches kernels) and up to the full capacity, the tokens stay eager's."""
+    folder = str(hf_models["llama_mha"][1])
+    p = SamplingParams(n=2, max_tokens=140, temperature=1.0, seed=9, ignore_eos=True)
+    eager = LLM(folder).generate(prompt_token_ids=[PROMPTS[0]], sampling_params=p)
+    compiled = LLM(folder, compile=True).generate(prompt_token_ids=[PROMPTS[0]], sampling_params=p)
+    assert tokens(eager) == tokens(compiled)
+    assert all(len(t) == 140 for t in tokens(compiled)[0])

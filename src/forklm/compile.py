@@ -79,4 +79,20 @@ def make_decode_fn(model, cache, compile: bool) -> Callable[[Tensor], Tensor]:
             torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode), decode_step, "decode step"
         )
         log.info("decode step compiled with torch.compile(fullgraph=True, mode=%s)", mode)
+        if mode is None:  # CPU: one graph with a dynamic attention window (CUDA graphs keep static shapes)
+            return lambda tokens: fn(model, _with_window_marker(cache), tokens)
     return lambda tokens: fn(model, cache, tokens)
+
+
+def _with_window_marker(cache):
+    """Set `cache.window_marker` to a tensor whose size, a dynamic dimension of the compiled graph, is
+    the attention window of the coming step, so that one graph reads only the slots written so far
+    (at least 2: sizes 0 and 1 would be specialized)."""
+    capacity = cache.capacity()
+    size = min(max(cache.next_window(), 2), max(capacity, 2))
+    marker = torch.empty(size, device=cache.device)  # [w]; only its size is read
+    # "maybe": the graph may still specialize a value (e.g. the full capacity, where the slice is the
+    # whole buffer), which then gets a graph of its own instead of an error
+    torch._dynamo.maybe_mark_dynamic(marker, 0)
+    cache.window_marker = marker
+    return cache

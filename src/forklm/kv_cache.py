@@ -51,17 +51,6 @@ def write_at(buf: Tensor, pos: Tensor, x: Tensor) -> None:
     buf.view(S * Hkv * T, D).index_copy_(0, flat, x.reshape(S * Hkv, D))
 
 
-def _window(pos: Tensor, capacity: int) -> int:
-    """How many leading slots of a row buffer decode attention reads: eagerly, only those written so
-    far (max(pos) + 1), so that a step early in a long generation skips the empty tail (the 110M
-    model, n=64, prompt 2048, 512 slots, a few tokens in: 156 instead of 256 ms per step, replicated
-    449 instead of 772; benchmarks/results/decode_cpu_T512*.md); compiled, all of them, since a
-    graph's shapes are static (the masks make both exact)."""
-    if torch.compiler.is_compiling():
-        return capacity
-    return int(pos.max()) + 1 if pos.numel() else capacity
-
-
 class _PrefillView:
     """Attention backend for prefilling one prompt: causal attention, K/V written to the cache."""
 
@@ -87,6 +76,7 @@ class KVCache:
         # rows of each slot, padded with row 0, and each row's flat index p * n_max + j into it
         self.prompt_rows = torch.zeros(P, shape.max_samples_per_prompt, dtype=torch.long, device=device)
         self.row_pos = torch.zeros(S, dtype=torch.long, device=device)
+        self.window_marker: Tensor | None = None  # compiled decode: its size is the attention window
 
     # -- bookkeeping (between steps, Python side) ----------------------------------------------
     def assign(self, slot: int, prompt_len: int, rows: list[int]) -> None:
@@ -114,9 +104,33 @@ class KVCache:
         if slot is not None:
             self.prompt_len[slot] = 0
 
+    def window(self, pos: Tensor, capacity: int) -> int:
+        """How many leading slots of a row buffer decode attention reads, given the slots `pos` [S]
+        written this step: only those written so far (max(pos) + 1), so that a step early in a long
+        generation skips the empty tail (the 110M model, n=64, prompt 2048, 512 slots, a few tokens
+        in: 156 instead of 256 ms per step eagerly; benchmarks/results/decode_cpu_T512*.md). The masks
+        make any window exact. Eagerly the size is read from `pos`; a compiled graph takes it from the
+        size of `window_marker` (a dynamic dimension set before each step by compile.make_decode_fn),
+        or reads the whole capacity when there is none (static shapes: CUDA graphs)."""
+        if torch.compiler.is_compiling():
+            return capacity if self.window_marker is None else self.window_marker.shape[0]
+        return int(pos.max()) + 1 if pos.numel() else capacity
+
     def positions(self) -> Tensor:
         """[S] the position of each row's next token: its prompt length plus tokens decoded."""
         return self.prompt_len[self.sample_prompt] + self.dec_len
+
+    def next_window(self) -> int:
+        """The window the next decode step needs (`window` of its write positions), read eagerly."""
+        return self.window(self._write_pos(), self.capacity())
+
+    def _write_pos(self) -> Tensor:
+        """[S] the slot each row's current token is written to in its row buffer."""
+        raise NotImplementedError
+
+    def capacity(self) -> int:
+        """Slots per row buffer."""
+        raise NotImplementedError
 
     def advance(self) -> None:
         """After a decode step: every live row holds one more token (capped at capacity)."""
@@ -177,12 +191,18 @@ class BifurcatedCache(KVCache):
 
         return _PrefillView(write)
 
+    def _write_pos(self) -> Tensor:
+        return self.dec_len.clamp(max=self.shape.max_new_tokens - 1)  # [S]
+
+    def capacity(self) -> int:
+        return self.shape.max_new_tokens
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # decode: q [S, H, 1, D], k/v [S, Hkv, 1, D]
-        pos = self.dec_len.clamp(max=self.shape.max_new_tokens - 1)  # [S]
+        pos = self._write_pos()  # [S]
         write_at(self.kd[layer], pos, k[:, :, 0])  # the current token, written before attending
         write_at(self.vd[layer], pos, v[:, :, 0])
-        w = _window(pos, self.shape.max_new_tokens)
+        w = self.window(pos, self.capacity())
         out = attention.bifurcated_decode_attention(
             q[:, :, 0],
             self.kc[layer],
@@ -232,13 +252,18 @@ class ReplicatedCache(KVCache):
 
         return _PrefillView(write)
 
+    def _write_pos(self) -> Tensor:
+        return self.positions().clamp(max=self.capacity() - 1)  # [S]
+
+    def capacity(self) -> int:
+        return self.shape.max_prompt_len + self.shape.max_new_tokens
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # decode: q [S, H, 1, D], k/v [S, Hkv, 1, D]
-        capacity = self.k[layer].shape[2]
-        pos = self.positions().clamp(max=capacity - 1)  # [S] prompt_len + dec_len
+        pos = self._write_pos()  # [S] prompt_len + dec_len
         write_at(self.k[layer], pos, k[:, :, 0])
         write_at(self.v[layer], pos, v[:, :, 0])
-        w = _window(pos, capacity)
+        w = self.window(pos, self.capacity())
         out = attention.replicated_decode_attention(
             q[:, :, 0], self.k[layer][:, :, :w], self.v[layer][:, :, :w], (pos + 1) * self.live,
             scale=q.shape[-1] ** -0.5,
