@@ -67,29 +67,32 @@ def make_sample_fn(compile: bool) -> Callable:
 
 
 def make_decode_fn(model, cache, compile: bool) -> Callable[[Tensor], Tensor]:
-    """The decode step bound to a model and cache, compiled (fullgraph, static shapes) when asked."""
-    fn = decode_step
+    """The decode step bound to a model and cache, compiled (fullgraph, static shapes) when asked.
+
+    Before each step the cache's attention window is set (`set_window`), except under CUDA graphs,
+    whose shapes stay static (the window is then the whole capacity)."""
+    fn, windowed = decode_step, True
     if compile:
         mode = None
         if cache.device.type == "cuda":
             mode = "reduce-overhead"  # CUDA graphs; the cache is updated in place at fixed addresses
             for t in cache.state_tensors():
                 torch._dynamo.mark_static_address(t)
+            windowed = False
         fn = with_eager_fallback(
             torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode), decode_step, "decode step"
         )
         log.info("decode step compiled with torch.compile(fullgraph=True, mode=%s)", mode)
-        if mode is None:  # CPU: one graph with a dynamic attention window (CUDA graphs keep static shapes)
-            return lambda tokens: fn(model, _with_window_marker(cache), tokens)
+    if windowed:
+        return lambda tokens: fn(model, set_window(cache), tokens)
     return lambda tokens: fn(model, cache, tokens)
 
 
-def _with_window_marker(cache):
-    """Set `cache.window_marker` to a tensor whose size, a dynamic dimension of the compiled graph, is
-    the attention window of the coming step, so that one graph reads only the slots written so far
-    (at least 2: sizes 0 and 1 would be specialized)."""
-    capacity = cache.capacity()
-    size = min(max(cache.next_window(), 2), max(capacity, 2))
+def set_window(cache):
+    """Set `cache.window_marker` to a tensor whose size is the attention window of the coming step.
+    Compiled, that size is a dynamic dimension, so one graph serves every window; it is at least 2
+    (sizes 0 and 1 would be specialized) unless the capacity is smaller."""
+    size = min(max(cache.next_window(), 2), cache.capacity())
     marker = torch.empty(size, device=cache.device)  # [w]; only its size is read
     # "maybe": the graph may still specialize a value (e.g. the full capacity, where the slice is the
     # whole buffer), which then gets a graph of its own instead of an error

@@ -76,7 +76,7 @@ class KVCache:
         # rows of each slot, padded with row 0, and each row's flat index p * n_max + j into it
         self.prompt_rows = torch.zeros(P, shape.max_samples_per_prompt, dtype=torch.long, device=device)
         self.row_pos = torch.zeros(S, dtype=torch.long, device=device)
-        self.window_marker: Tensor | None = None  # compiled decode: its size is the attention window
+        self.window_marker: Tensor | None = None  # [w]: its size is decode attention's window
 
     # -- bookkeeping (between steps, Python side) ----------------------------------------------
     def assign(self, slot: int, prompt_len: int, rows: list[int]) -> None:
@@ -104,25 +104,22 @@ class KVCache:
         if slot is not None:
             self.prompt_len[slot] = 0
 
-    def window(self, pos: Tensor, capacity: int) -> int:
-        """How many leading slots of a row buffer decode attention reads, given the slots `pos` [S]
-        written this step: only those written so far (max(pos) + 1), so that a step early in a long
-        generation skips the empty tail (the 110M model, n=64, prompt 2048, 512 slots, a few tokens
-        in: 156 instead of 256 ms per step eagerly; benchmarks/results/decode_cpu_T512*.md). The masks
-        make any window exact. Eagerly the size is read from `pos`; a compiled graph takes it from the
-        size of `window_marker` (a dynamic dimension set before each step by compile.make_decode_fn),
-        or reads the whole capacity when there is none (static shapes: CUDA graphs)."""
-        if torch.compiler.is_compiling():
-            return capacity if self.window_marker is None else self.window_marker.shape[0]
-        return int(pos.max()) + 1 if pos.numel() else capacity
+    def window(self) -> int:
+        """How many leading slots of a row buffer decode attention reads: the size of `window_marker`,
+        set before each step by compile.make_decode_fn to the slots written so far, so that a step
+        early in a long generation skips the empty tail (the 110M model, n=64, prompt 2048, 512 slots,
+        a few tokens in: 156 instead of 256 ms per step eagerly; benchmarks/results/decode_cpu_T512*.md).
+        A size, not an int, so that a compiled graph takes it as a dynamic dimension. Without a marker
+        (CUDA graphs keep static shapes) the whole capacity. The masks make any window exact."""
+        return self.capacity() if self.window_marker is None else self.window_marker.shape[0]
 
     def positions(self) -> Tensor:
         """[S] the position of each row's next token: its prompt length plus tokens decoded."""
         return self.prompt_len[self.sample_prompt] + self.dec_len
 
     def next_window(self) -> int:
-        """The window the next decode step needs (`window` of its write positions), read eagerly."""
-        return self.window(self._write_pos(), self.capacity())
+        """The window the next decode step needs: its largest write position + 1 (read eagerly)."""
+        return int(self._write_pos().max()) + 1
 
     def _write_pos(self) -> Tensor:
         """[S] the slot each row's current token is written to in its row buffer."""
@@ -202,7 +199,7 @@ class BifurcatedCache(KVCache):
         pos = self._write_pos()  # [S]
         write_at(self.kd[layer], pos, k[:, :, 0])  # the current token, written before attending
         write_at(self.vd[layer], pos, v[:, :, 0])
-        w = self.window(pos, self.capacity())
+        w = self.window()
         out = attention.bifurcated_decode_attention(
             q[:, :, 0],
             self.kc[layer],
@@ -263,7 +260,7 @@ class ReplicatedCache(KVCache):
         pos = self._write_pos()  # [S] prompt_len + dec_len
         write_at(self.k[layer], pos, k[:, :, 0])
         write_at(self.v[layer], pos, v[:, :, 0])
-        w = self.window(pos, self.capacity())
+        w = self.window()
         out = attention.replicated_decode_attention(
             q[:, :, 0], self.k[layer][:, :, :w], self.v[layer][:, :, :w], (pos + 1) * self.live,
             scale=q.shape[-1] ** -0.5,
