@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from forklm.cpu_linear import PackedLinear, pack_linears, packing_available
-from forklm.kv_cache import BifurcatedCache, CacheShape
+from forklm.attention.cascade import CausalAttention
 from forklm.checkpoint import load_checkpoint
 
 from conftest import FAMILIES
@@ -81,8 +81,7 @@ def test_packed_model_logits_match_transformers(hf_models, family):
     torch.manual_seed(2)
     for L in (1, 9, 33):
         ids = torch.randint(0, ckpt.config.vocab_size, (1, L))
-        cache = BifurcatedCache(ckpt.config, CacheShape(1, 1, 1, 64, 4), torch.float32, "cpu")
         with torch.inference_mode():
             ref = hf(ids).logits[0]  # [L, V]
-            ours = ckpt.model(ids, torch.arange(L)[None], cache.prefill_view(0, [0]), last_only=False)[0]
+            ours = ckpt.model(ids, torch.arange(L)[None], CausalAttention(), last_only=False)[0]
         assert (ours - ref).abs().max().item() < 1e-4, (family, L)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from forklm import LLM, SamplingParams
-from forklm.kv_cache import CacheShape
+from forklm.kv import CacheShape
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Then the fox"
 

@@ -6,7 +6,7 @@ import torch
 
 from forklm import LLM, SamplingParams
 from forklm.errors import CapacityError, ContextLengthError, InvalidParameterError, TokenizerError
-from forklm.kv_cache import CacheShape
+from forklm.kv import CacheShape
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12] * 7, [3]]
 
@@ -125,7 +125,7 @@ def test_abort_frees_rows(folder):
     engine.add_request("a", PROMPTS[0], SamplingParams(n=2, max_tokens=8, ignore_eos=True))
     engine.step()
     engine.abort("a")
-    assert not engine.has_unfinished() and not bool(engine.cache.live.any())
+    assert not engine.has_unfinished() and engine.rows_in_use == 0
 
 
 def test_errors_before_any_work(folder, hf_models):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from forklm import LLM, SamplingParams
-from forklm.kv_cache import BifurcatedCache, CacheShape
+from forklm.kv import CacheShape
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +55,12 @@ def test_beams_share_the_prompt_kv(beam_model):
     p = SamplingParams(beam_width=4, n=1, max_tokens=8, temperature=0)
     engine = llm.make_engine(CacheShape(max_prompts=1, max_samples=4, max_samples_per_prompt=4, max_prompt_len=8,
                                         max_new_tokens=8))
-    assert isinstance(engine.cache, BifurcatedCache) and engine.cache.kc[0].shape[0] == 1  # one prompt copy
     engine.add_request("b", [7, 8, 9, 10], p)
     engine.step()
-    kc = engine.cache.kc[0].clone()
+    segment = engine.scheduler.running["b"].node.segment
+    assert segment.kv.shape[3] == 4 and engine.storage.segment_tokens == 4  # one prompt copy for 4 beams
+    kc = segment.kv.clone()
     while engine.has_unfinished():
         engine.step()
-    assert torch.equal(kc, engine.cache.kc[0])  # re-ranking beams never touched the prompt's K/V
+    assert torch.equal(kc, segment.kv)  # re-ranking beams never touched the prompt's K/V
     assert len(engine.pop_output("b").outputs) == 1

@@ -13,12 +13,14 @@ from .compile import bucket
 from .cpu_linear import pack_linears
 from .engine import Engine
 from .errors import CapacityError, InvalidParameterError, TokenizerError
-from .kv_cache import KV_LAYOUTS, CacheShape
+from .kv.storage import CacheShape, KVStorage, bytes_per_token
 from .outputs import RequestOutput
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
+KV_LAYOUTS = ("bifurcated", "replicated")
+_SHAPE_FIELDS = ("max_prompts", "max_samples", "max_samples_per_prompt", "max_prompt_len", "max_new_tokens")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,7 +49,11 @@ class LLM:
     kv_layout: "bifurcated" (the prompt's K/V stored once for all its samples; default) or
         "replicated" (copied per sample; the reference and baseline).
     compile: compile the decode step with torch.compile.
-    memory_fraction: the share of free memory the KV cache may take.
+    memory_fraction: the share of free memory the KV cache may take (when kv_cache_memory is None).
+    kv_cache_memory: the KV cache's budget in GiB (sample rows + cached prefixes), or None.
+    enable_prefix_caching: reuse the K/V of any prompt prefix (and finished samples) already computed,
+        across prompts and calls; off, each prompt is computed afresh and freed when it finishes.
+    prefill_chunk_tokens: prompt tokens prefilled per engine step (None: whole prompts at once).
     """
 
     def __init__(
@@ -58,11 +64,18 @@ class LLM:
         kv_layout: str = "bifurcated",
         compile: bool = False,
         memory_fraction: float = 0.75,
+        kv_cache_memory: float | None = None,
+        enable_prefix_caching: bool = True,
+        prefill_chunk_tokens: int | None = None,
     ):
         if dtype not in DTYPES:
             raise InvalidParameterError("dtype", f"{dtype!r} is not one of {sorted(DTYPES)}")
         if kv_layout not in KV_LAYOUTS:
             raise InvalidParameterError("kv_layout", f"{kv_layout!r} is not one of {sorted(KV_LAYOUTS)}")
+        if kv_cache_memory is not None and not kv_cache_memory > 0:
+            raise InvalidParameterError("kv_cache_memory", "must be > 0 (GiB)")
+        if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
+            raise InvalidParameterError("prefill_chunk_tokens", "must be >= 1")
         try:
             self.device = torch.device(device)
         except RuntimeError:
@@ -77,6 +90,9 @@ class LLM:
             model = default_model_path()
         self.dtype = DTYPES[dtype]
         self.kv_layout, self.compile, self.memory_fraction = kv_layout, compile, memory_fraction
+        self.kv_cache_memory = kv_cache_memory
+        self.enable_prefix_caching, self.prefill_chunk_tokens = enable_prefix_caching, prefill_chunk_tokens
+        self._engine: Engine | None = None
         ckpt = load_checkpoint(model, self.dtype, self.device)
         self.model, self.config, self.tokenizer = ckpt.model, ckpt.config, ckpt.tokenizer
         if self.device.type == "cpu":
@@ -87,32 +103,65 @@ class LLM:
 
     # ---- engines --------------------------------------------------------------------------
     def cache_bytes(self, shape: CacheShape) -> int:
-        return KV_LAYOUTS[self.kv_layout].bytes_needed(self.config, shape, self.dtype)
+        """Bytes of the sample rows plus every prompt resident at once."""
+        per_token = bytes_per_token(self.config, self.dtype)
+        if self.kv_layout == "replicated":
+            return per_token * shape.max_samples * (shape.max_prompt_len + shape.max_new_tokens)
+        return per_token * (shape.max_prompts * shape.max_prompt_len + shape.max_samples * shape.max_new_tokens)
 
-    def make_engine(self, shape: CacheShape) -> Engine:
-        """An engine with a cache of `shape`, checked against the memory available."""
-        budget = int(available_memory_bytes(self.device) * self.memory_fraction)
+    def memory_budget(self) -> int:
+        """The KV cache's budget in bytes: kv_cache_memory, else memory_fraction of what is free now
+        (plus what this LLM's engine already holds)."""
+        if self.kv_cache_memory is not None:
+            return int(self.kv_cache_memory * 2**30)
+        held = self._engine.storage.nbytes() if self._engine is not None else 0
+        return int((available_memory_bytes(self.device) + held) * self.memory_fraction)
+
+    def _check_fits(self, shape: CacheShape, budget: int) -> None:
         need = self.cache_bytes(shape)
         if need > budget:
+            fit = self.max_n_that_fits(shape, budget)
             raise CapacityError(
                 f"the KV cache for {shape.max_samples} samples ({need / 2**30:.2f} GiB, {self.kv_layout}) exceeds "
-                f"the memory budget ({budget / 2**30:.2f} GiB); at most n={self.max_n_that_fits(shape, budget)} fits",
-                max_n=self.max_n_that_fits(shape, budget),
+                f"the memory budget ({budget / 2**30:.2f} GiB); at most n={fit} fits",
+                max_n=fit,
             )
-        cache = KV_LAYOUTS[self.kv_layout](self.config, shape, self.dtype, self.device)
-        return Engine(self.model, cache, self.tokenizer, self.eos_token_ids, compile=self.compile)
 
-    def _engine_for(self, shape: CacheShape) -> Engine:
-        """An engine for `shape`; when compiling, sized up to buckets (compile.bucket) so that later
-        calls of nearby sizes reuse the compiled graphs, unless the padded cache would not fit."""
-        if not self.compile:
-            return self.make_engine(shape)
-        padded = CacheShape(*(bucket(getattr(shape, f)) for f in (
-            "max_prompts", "max_samples", "max_samples_per_prompt", "max_prompt_len", "max_new_tokens")))
-        try:
-            return self.make_engine(padded)
-        except CapacityError:
-            return self.make_engine(shape)
+    def make_engine(self, shape: CacheShape, **engine_args) -> Engine:
+        """A new engine with `shape`'s sample rows and limits, checked against the memory budget."""
+        budget = self.memory_budget()
+        self._check_fits(shape, budget)
+        row_len = shape.max_new_tokens + (shape.max_prompt_len if self.kv_layout == "replicated" else 0)
+        storage = KVStorage(self.config, shape, row_len, budget, self.dtype, self.device)
+        args = dict(compile=self.compile, replicated=self.kv_layout == "replicated",
+                    enable_prefix_caching=self.enable_prefix_caching, prefill_chunk_tokens=self.prefill_chunk_tokens)
+        args.update(engine_args)
+        return Engine(self.model, storage, shape, self.tokenizer, self.eos_token_ids, **args)
+
+    def engine(self, shape: CacheShape) -> Engine:
+        """This LLM's one engine, grown (between calls) to at least `shape`; its prefix cache is kept.
+        When compiling, sizes are rounded up to buckets (compile.bucket) so that later calls of nearby
+        sizes reuse the compiled graphs, unless the padded sizes would not fit."""
+        old = self._engine
+        if old is not None:
+            s = old.shape
+            shape = CacheShape(*(max(getattr(s, f), getattr(shape, f)) for f in _SHAPE_FIELDS))
+            if shape == s:
+                return old
+        if self.compile:
+            padded = CacheShape(*(bucket(getattr(shape, f)) for f in _SHAPE_FIELDS))
+            try:
+                self._check_fits(padded, self.memory_budget())
+                shape = padded
+            except CapacityError:
+                pass
+        if old is None:
+            self._engine = self.make_engine(shape)
+        else:
+            budget = self.memory_budget()
+            self._check_fits(shape, budget)
+            old.resize(shape, budget)
+        return self._engine
 
     def max_n_that_fits(self, shape: CacheShape, budget: int) -> int:
         """The largest samples-per-prompt count whose cache fits `budget`, other sizes fixed."""
@@ -161,15 +210,24 @@ class LLM:
             max_prompt_len=max(1, max(len(i) for i in ids)),
             max_new_tokens=max(p.max_tokens for p in params),
         )
-        engine = self._engine_for(shape)
+        engine = self.engine(shape)
+        engine.set_eos_token_ids(self.eos_token_ids)
+        for prompt_ids, p in zip(ids, params):  # every prompt checked before any is queued
+            engine.check_request(prompt_ids, p)
         request_ids = []
         for text, prompt_ids, p in zip(texts, ids, params):
             self._request_counter += 1
             rid = str(self._request_counter)
             engine.add_request(rid, prompt_ids, p, prompt=text)
             request_ids.append(rid)
-        while engine.has_unfinished():
-            engine.step()
+        try:
+            while engine.has_unfinished():
+                engine.step()
+        except BaseException:  # interrupted or failed: leave the engine empty for the next call
+            for rid in request_ids:
+                engine.abort(rid)
+                engine.pop_output(rid)
+            raise
         return [engine.pop_output(rid) for rid in request_ids]
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:

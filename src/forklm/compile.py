@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
-
-
-def decode_step(model, cache, tokens: Tensor) -> Tensor:
-    """One decode step for every sample row: tokens [S] -> logits [S, V].
-
-    Shapes are static (S rows, fixed cache sizes); positions and lengths are tensors in the cache,
-    so one compiled graph serves every step.
-    """
-    positions = cache.positions()  # [S]
-    return model(tokens.unsqueeze(1), positions.unsqueeze(1), cache)  # [S, 1] -> [S, V]
 
 
 def bucket(x: int) -> int:
@@ -66,36 +57,43 @@ def make_sample_fn(compile: bool) -> Callable:
     return with_eager_fallback(torch.compile(sample, fullgraph=True, dynamic=False), sample, "sampler")
 
 
-def make_decode_fn(model, cache, compile: bool) -> Callable[[Tensor], Tensor]:
-    """The decode step bound to a model and cache, compiled (fullgraph, static shapes) when asked.
-
-    Before each step the cache's attention window is set (`set_window`), except under CUDA graphs,
-    whose shapes stay static (the window is then the whole capacity)."""
-    fn, windowed = decode_step, True
-    if compile:
-        mode = None
-        if cache.device.type == "cuda":
-            mode = "reduce-overhead"  # CUDA graphs; the cache is updated in place at fixed addresses
-            for t in cache.state_tensors():
-                torch._dynamo.mark_static_address(t)
-            windowed = False
-        fn = with_eager_fallback(
-            torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode), decode_step, "decode step"
-        )
-        log.info("decode step compiled with torch.compile(fullgraph=True, mode=%s)", mode)
-    if windowed:
-        return lambda tokens: fn(model, set_window(cache), tokens)
-    return lambda tokens: fn(model, cache, tokens)
+def _embed(model, tokens: Tensor, positions: Tensor):
+    return model.embed(tokens, positions)  # [N, L] -> [N, L, E], rope
 
 
-def set_window(cache):
-    """Set `cache.window_marker` to a tensor whose size is the attention window of the coming step.
-    Compiled, that size is a dynamic dimension, so one graph serves every window; it is at least 2
-    (sizes 0 and 1 would be specialized) unless the capacity is smaller."""
-    size = min(max(cache.next_window(), 2), cache.capacity())
-    marker = torch.empty(size, device=cache.device)  # [w]; only its size is read
-    # "maybe": the graph may still specialize a value (e.g. the full capacity, where the slice is the
-    # whole buffer), which then gets a graph of its own instead of an error
-    torch._dynamo.maybe_mark_dynamic(marker, 0)
-    cache.window_marker = marker
-    return cache
+def _pre(block, x: Tensor, rope):
+    return block.attention_inputs(x, rope)  # [N, L, E] -> q, k, v
+
+
+def _post(block, x: Tensor, o: Tensor) -> Tensor:
+    return block.finish(x, o)  # [N, L, E], [N, H, L, D] -> [N, L, E]
+
+
+def _head(model, x: Tensor) -> Tensor:
+    return model.head(x[:, -1])  # [N, L, E] -> [N, V]
+
+
+@dataclass(frozen=True)
+class LayerFns:
+    """The model's step in four pieces around attention: embed, layer before attention, layer after
+    attention, LM head on the last position. Attention itself runs between them, eagerly, on whatever
+    the step plan holds, so the compiled pieces depend only on the batch size: a new prompt length,
+    prefix tree or level count never recompiles them, and one graph of `pre` / `post` serves every
+    layer (parameters are graph inputs)."""
+
+    embed: Callable
+    pre: Callable
+    post: Callable
+    head: Callable
+
+
+def layer_fns(compile: bool) -> LayerFns:
+    if not compile:
+        return LayerFns(_embed, _pre, _post, _head)
+
+    def c(fn, name):
+        return with_eager_fallback(torch.compile(fn, fullgraph=True, dynamic=False), fn, name)
+
+    log.info("decode step compiled with torch.compile(fullgraph=True) in four pieces around attention")
+    return LayerFns(c(_embed, "embed"), c(_pre, "layer (pre-attention)"), c(_post, "layer (post-attention)"),
+                    c(_head, "LM head"))

@@ -2,8 +2,8 @@
 
 The model does not own a KV cache and does not choose an attention algorithm:
 every layer hands its q/k/v to `attn.attend(layer, q, k, v)`, where `attn` is the
-object the caller passes in (a prefill or decode view of a cache from kv_cache.py).
-The cache's type decides how attention is computed (bifurcated or replicated).
+object the caller passes in (a backend from attention/cascade.py bound to the step's plan).
+What the plan and the storage hold decides how attention is computed.
 
 Letters in shape comments: N rows (prompts at prefill, samples at decode),
 L tokens per row, E model dim, H query heads, Hkv kv heads, D head dim, V vocab.
@@ -73,16 +73,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.family == "gpt2")
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, attn: AttentionBackend) -> Tensor:
+    def qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
+        """x [N, L, E] -> q [N, H, L, D], k/v [N, Hkv, L, D] with positions applied."""
         N, L, _ = x.shape
         q = self.wq(x).view(N, L, self.n_heads, self.head_dim).transpose(1, 2)  # [N, H, L, D]
         k = self.wk(x).view(N, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [N, Hkv, L, D]
         v = self.wv(x).view(N, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [N, Hkv, L, D]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attn.attend(self.layer, q, k, v)  # [N, H, L, D]
-        out = out.transpose(1, 2).reshape(N, L, self.n_heads * self.head_dim)  # [N, L, H*D]
-        return self.wo(out)
+        return q, k, v
+
+    def out(self, o: Tensor) -> Tensor:
+        """o [N, H, L, D] -> [N, L, E]."""
+        N, _, L, _ = o.shape
+        return self.wo(o.transpose(1, 2).reshape(N, L, self.n_heads * self.head_dim))  # via [N, L, H*D]
 
 
 class MLP(nn.Module):
@@ -114,9 +118,18 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope, attn: AttentionBackend) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, attn)
+    def attention_inputs(self, x: Tensor, rope) -> tuple[Tensor, Tensor, Tensor]:
+        """The layer up to attention: x [N, L, E] -> q, k, v."""
+        return self.attn.qkv(self.attn_norm(x), rope)
+
+    def finish(self, x: Tensor, o: Tensor) -> Tensor:
+        """The layer after attention: residual, MLP. x [N, L, E], o [N, H, L, D] -> [N, L, E]."""
+        x = x + self.attn.out(o)
         return x + self.mlp(self.mlp_norm(x))
+
+    def forward(self, x: Tensor, rope, attn: AttentionBackend) -> Tensor:
+        q, k, v = self.attention_inputs(x, rope)
+        return self.finish(x, attn.attend(self.attn.layer, q, k, v))
 
 
 class Transformer(nn.Module):
@@ -143,14 +156,22 @@ class Transformer(nn.Module):
         angles = angles.unsqueeze(1)  # [N, 1, L, D/2]
         return angles.cos(), angles.sin()
 
-    def forward(self, tokens: Tensor, positions: Tensor, attn: AttentionBackend, last_only: bool = True) -> Tensor:
-        """tokens/positions [N, L] -> logits [N, V] (last position) or [N, L, V] (all positions)."""
+    def embed(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """tokens/positions [N, L] -> x [N, L, E] and the rotary tables (None without RoPE)."""
         x = self.tok_embeddings(tokens)  # [N, L, E]
         if self.config.family == "gpt2":
             x = x + self.pos_embeddings(positions)
-        rope = self._rope(positions)
+        return x, self._rope(positions)
+
+    def head(self, x: Tensor) -> Tensor:
+        """x [N, E] or [N, L, E] -> float32 logits [N, V] / [N, L, V]."""
+        return self.lm_head(self.norm(x)).float()
+
+    def forward(self, tokens: Tensor, positions: Tensor, attn: AttentionBackend, last_only: bool = True) -> Tensor:
+        """tokens/positions [N, L] -> logits [N, V] (last position) or [N, L, V] (all positions)."""
+        x, rope = self.embed(tokens, positions)  # [N, L, E]
         for block in self.layers:
             x = block(x, rope, attn)
         if last_only:
             x = x[:, -1]  # [N, E]: the LM head runs on the last position only
-        return self.lm_head(self.norm(x)).float()
+        return self.head(x)

@@ -40,6 +40,7 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     metrics: dict = field(default_factory=dict)  # ttft_s, and the like
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (vLLM's name)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 from server_fixtures import make_tiny_model
 
 from forklm import LLM, SamplingParams
-from forklm.kv_cache import CacheShape
+from forklm.kv import CacheShape
 from forklm.server import EngineRunner, Metrics
 from forklm.server.errors import APIError, QueueFullError
 

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from ..api import LLM
     from ..default_model import DEFAULT_MODEL_NAME
     from ..errors import InvalidParameterError
-    from ..kv_cache import CacheShape
+    from ..kv.storage import CacheShape
     from ..server import EngineRunner, Metrics, ServerContext, build_app
 
     for name in ("max_batch", "max_prompts", "max_prompt_len", "max_tokens", "max_queue"):

@@ -123,7 +123,7 @@ class EngineRunner:
         self.num_waiting = 0
         self.num_running = 0
         self.rows_in_use = 0
-        self.rows_capacity = engine.cache.shape.max_samples
+        self.rows_capacity = engine.shape.max_samples
         metrics.gauge("forklm_requests_waiting", "Engine requests queued, not yet admitted.", lambda: self.num_waiting)
         metrics.gauge("forklm_requests_running", "Engine requests in the running batch.", lambda: self.num_running)
         metrics.gauge("forklm_sample_rows_in_use", "Sample rows of the batch decoding now.", lambda: self.rows_in_use)
@@ -314,7 +314,7 @@ class EngineRunner:
     def _update_gauges(self) -> None:
         self.num_waiting = self.engine.num_waiting
         self.num_running = self.engine.num_running
-        self.rows_in_use = int(self.engine.cache.live.sum())
+        self.rows_in_use = self.engine.rows_in_use
 
     @staticmethod
     def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> None:

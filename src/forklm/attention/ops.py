@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "attention_with_lse",
+    "causal_attention_with_lse",
+    "merge_with_lse",
     "attention_with_lse_reference",
     "bifurcated_decode_attention",
     "causal_attention",
@@ -216,11 +218,12 @@ def attention_with_lse(
         return attention_with_lse_reference(q, k, v, valid_len, scale)
 
 
-def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+def merge_with_lse(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """Exact merge of two attentions over disjoint key sets by their log-sum-exps.
 
-    out_*: [..., D]; lse_*: [...] (float32). Computed in float32, returned in
-    out_a.dtype. Where both lse are -inf (no key in either part) the result is 0.
+    out_*: [..., D]; lse_*: [...] (float32). Returns (out in out_a.dtype, lse float32), the lse being
+    that of the union of both key sets, so merges fold: merging level after level is exact in any
+    order. Where both lse are -inf (no key in either part) out is 0 and lse -inf.
     """
     lse_a = lse_a.float()
     lse_b = lse_b.float()
@@ -229,9 +232,49 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
     w_a = torch.exp(lse_a - m)  # [...]
     w_b = torch.exp(lse_b - m)  # [...]
     denom = w_a + w_b
+    lse = m + torch.log(denom)  # [...]; log(0) = -inf where both are empty
     denom = torch.where(denom == 0, torch.ones_like(denom), denom)
     out = (out_a.float() * w_a[..., None] + out_b.float() * w_b[..., None]) / denom[..., None]  # [..., D]
-    return out.to(out_a.dtype)
+    return out.to(out_a.dtype), lse
+
+
+def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """`merge_with_lse` without the merged lse: out_*: [..., D]; lse_*: [...]. Returns [..., D]."""
+    return merge_with_lse(out_a, lse_a, out_b, lse_b)[0]
+
+
+def causal_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, q_offset: int, scale: float) -> tuple[Tensor, Tensor]:
+    """A chunk of c query tokens at positions q_offset .. q_offset + c - 1 against keys 0 .. Lk - 1,
+    causally (query i sees keys j <= q_offset + i), returning the LSE for merging with other levels.
+
+    q: [1, H, c, D]; k, v: [1, Hkv, Lk, D] with Lk >= q_offset + c. Returns out [1, H, c, D] in
+    q.dtype and lse [1, H, c] float32. The G query heads of a kv head become G * c rows of one
+    kernel call (no repeat of K/V).
+    """
+    _, h, c, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g = h // hkv
+    qg = q.reshape(1, hkv, g * c, d)  # [1, Hkv, G*c, D]: row g*c + i is head (kv, g), token i
+    pos = q_offset + torch.arange(c, device=q.device).repeat(g)  # [G*c] position of each row
+    keep = torch.arange(lk, device=q.device)[None, :] <= pos[:, None]  # [G*c, Lk]
+    keep = keep[None, None]  # [1, 1, G*c, Lk]
+    if q.device.type == "cpu" and _HAS_CPU_FLASH and lk > 0 and c > 0:
+        mask = _additive_mask(keep, q.dtype, -math.inf)  # [1, 1, G*c, Lk]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, k, v, attn_mask=mask, scale=scale)
+        lse = lse.float()
+    else:
+        out, lse = _masked_reference(qg, k, v, keep, scale)
+    return out.reshape(1, h, c, d), lse.reshape(1, h, c)  # [1, H, c, D], [1, H, c]
+
+
+def _masked_reference(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Matmul attention with an explicit keep mask (broadcast to [B, Hkv, M, L]); float32 math."""
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # [B, Hkv, M, L]
+    scores = scores.masked_fill(~keep, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, M]
+    lse_safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    out = torch.matmul(torch.exp(scores - lse_safe[..., None]), v.float())  # [B, Hkv, M, D]
+    return out.to(q.dtype), lse
 
 
 def bifurcated_decode_attention(

@@ -1,0 +1,277 @@
+"""The generation engine: one `step()` = schedule -> run the model -> sample -> process outputs.
+
+A request is one prompt with its SamplingParams. The scheduler (scheduler.py) admits it when rows
+and K/V budget allow, reusing the longest cached prefix of its prompt; the runner (runner.py)
+prefills the rest in chunks and decodes every live row against the shared levels above it and its
+own pool row; sampling runs per row with the per-row processors; the output processor (output.py)
+turns each drawn token into text, stops and deltas. `LLM.generate` drives the engine to completion;
+the server drives it continuously while requests join and leave between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import Tensor
+
+from ..compile import make_sample_fn
+from ..errors import CapacityError, ContextLengthError, InvalidParameterError, TokenizerError
+from ..kv.prefix_cache import PrefixCache
+from ..kv.storage import CacheShape, KVStorage
+from ..model import Transformer
+from ..outputs import RequestOutput, SampleDelta
+from ..sampling import (
+    BeamSearchState,
+    RowSpec,
+    SamplingParams,
+    SamplingTensors,
+    TokenHistory,
+    fresh_seed,
+    process_logits,
+)
+from .output import OutputProcessor
+from .runner import ModelRunner
+from .scheduler import DECODE, PREFILL, Request, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        storage: KVStorage,
+        shape: CacheShape,
+        tokenizer=None,
+        eos_token_ids: list[int] | None = None,
+        compile: bool = False,
+        replicated: bool = False,
+        enable_prefix_caching: bool = True,
+        prefill_chunk_tokens: int | None = None,
+    ):
+        self.model, self.storage, self.shape, self.tokenizer = model, storage, shape, tokenizer
+        self.eos_token_ids = list(eos_token_ids or [])
+        self.vocab_size = model.config.vocab_size
+        self.device = storage.device
+        self.replicated = replicated
+        self.prefix_cache = PrefixCache(storage, enabled=enable_prefix_caching and not replicated)
+        self._chunk_tokens, self._compile = prefill_chunk_tokens, compile
+        self.runner = ModelRunner(model, compile)
+        self.output = OutputProcessor(tokenizer, self.eos_token_ids)
+        self._sample = make_sample_fn(compile)
+        self._done: dict[str, RequestOutput] = {}
+        self._size(shape)
+
+    def resize(self, shape: CacheShape, budget_bytes: int) -> None:
+        """New sizes for an idle engine (LLM grows its one engine between calls); the prefix cache stays."""
+        if self.has_unfinished():
+            raise RuntimeError("an engine is resized only when idle")
+        row_len = shape.max_new_tokens + (shape.max_prompt_len if self.replicated else 0)
+        self.storage.resize(shape, row_len, budget_bytes)
+        self._size(shape)
+
+    def _size(self, shape: CacheShape) -> None:
+        self.shape = shape
+        self.scheduler = Scheduler(self.storage, self.prefix_cache, shape, self.replicated, self._chunk_tokens,
+                                   dense_batch=self._compile)
+        S = shape.max_samples
+        self._next_tokens = torch.zeros(S, dtype=torch.long, device=self.device)  # [S] token fed next step
+        self._history = TokenHistory(S, shape.max_prompt_len + shape.max_new_tokens, self.vocab_size, self.device)
+        self._row_specs: list[RowSpec] = [RowSpec.idle() for _ in range(S)]
+        self._tensors: SamplingTensors | None = None
+
+    def set_eos_token_ids(self, ids: list[int]) -> None:
+        """The tokens that end a sample (requests admitted from now on)."""
+        self.eos_token_ids = list(ids)
+        self.output.eos_token_ids = self.eos_token_ids
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise the typed error a request would get, before any work (cheap, certain limits first)."""
+        shape, cfg = self.shape, self.model.config
+        if not prompt_ids:
+            raise InvalidParameterError("prompt", "is empty")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
+            raise InvalidParameterError("prompt_token_ids", f"token ids must be in [0, {self.vocab_size})")
+        L, T = len(prompt_ids), params.max_tokens
+        if L + T > cfg.max_position_embeddings:
+            raise ContextLengthError(
+                "max_tokens",
+                f"prompt ({L} tokens) + max_tokens ({T}) = {L + T} exceeds the model's context length "
+                f"({cfg.max_position_embeddings})",
+            )
+        if cfg.sliding_window and L + T > cfg.sliding_window:
+            raise ContextLengthError(
+                "max_tokens",
+                f"prompt ({L} tokens) + max_tokens ({T}) exceeds the model's sliding_window ({cfg.sliding_window}); "
+                "forklm attends to the full context, so it only runs within the window",
+            )
+        if L > shape.max_prompt_len:
+            raise ContextLengthError("prompt", f"{L} tokens exceed this engine's max_prompt_len ({shape.max_prompt_len})")
+        if T > shape.max_new_tokens:
+            raise ContextLengthError("max_tokens", f"{T} exceeds this engine's max_new_tokens ({shape.max_new_tokens})")
+        n = params.num_sequences
+        if n > min(shape.max_samples_per_prompt, shape.max_samples):
+            fit = min(shape.max_samples_per_prompt, shape.max_samples)
+            raise CapacityError(f"n={n}: the KV cache holds at most {fit} samples per prompt", max_n=fit)
+        if L > self.storage.budget_tokens:
+            raise CapacityError(
+                f"the prompt's K/V ({L} tokens) exceeds the KV budget ({self.storage.budget_tokens} tokens "
+                f"beside {shape.max_samples} sample rows)", max_n=None)
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", list(params.logit_bias))):
+            if any(not 0 <= i < self.vocab_size for i in ids):
+                raise InvalidParameterError(name, f"token ids must be in [0, {self.vocab_size})")
+        if (params.stop or params.bad_words) and self.tokenizer is None:
+            raise TokenizerError("stop / bad_words need a tokenizer; this model has none")
+
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> None:
+        """Validate and queue a request; raises before any work is done."""
+        self.check_request(prompt_ids, params)
+        sch = self.scheduler
+        if request_id in sch.running or any(r.request_id == request_id for r in sch.waiting):
+            raise InvalidParameterError("request_id", f"{request_id!r} is already running")
+        seed = params.seed if params.seed is not None else fresh_seed()
+        sch.waiting.append(Request(request_id, prompt, list(prompt_ids), params, seed, time.perf_counter()))
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request; its rows stop costing work from the next step."""
+        sch = self.scheduler
+        sch.waiting = type(sch.waiting)(r for r in sch.waiting if r.request_id != request_id)
+        req = sch.running.get(request_id)
+        if req is not None:
+            self._release(req, cache_samples=False)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def rows_in_use(self) -> int:
+        return self.storage.rows_in_use
+
+    def pop_output(self, request_id: str) -> RequestOutput | None:
+        """The final output of a finished request (once)."""
+        return self._done.pop(request_id, None)
+
+    # ---- one step ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[SampleDelta]:
+        sch = self.scheduler
+        plan, admitted = sch.schedule()
+        for req in admitted:
+            self._on_admit(req)
+        S = self.shape.max_samples
+        producing = torch.zeros(S, dtype=torch.bool, device=self.device)  # [S] rows sampled this step
+        logits = torch.zeros(S, self.vocab_size, device=self.device)  # [S, V]
+        if plan.decode is not None:
+            d = plan.decode
+            live = [r for r in d.pool_rows.tolist() if sch.live[r]]
+            logits[d.pool_rows] = self.runner.decode(d, self.storage.pool, self._next_tokens[d.pool_rows])
+            sch.advance(d)
+            producing[live] = True
+        for chunk in plan.prefills:
+            req = sch.running[chunk.request_id]
+            sch.chunk_done(req, chunk, self.runner.prefill(chunk))
+        ready = [r for r in sch.running.values() if r.state == PREFILL and r.first_logits is not None]
+        for req in ready:
+            logits[req.rows] = req.first_logits  # [V] broadcast to the request's n rows
+            producing[req.rows] = True
+            if req.params.prompt_logprobs is not None:
+                req.prompt_logprobs = self.output.prompt_logprobs(
+                    torch.cat(req.prompt_logits), req.prompt_ids, req.params.prompt_logprobs)
+                req.prompt_logits = []
+            sch.start_decoding(req)
+        if not bool(producing.any()):
+            return []
+        if self._tensors is None:
+            self._tensors = SamplingTensors.build(self._row_specs, self.vocab_size, self.device)
+        beams = [r for r in sch.running.values() if r.beam is not None and not r.beam_done and r.state == DECODE]
+        for req in beams:  # beam search scores log-probabilities (then processors), as transformers does
+            rows = self._rows(req)
+            logits[rows] = torch.log_softmax(logits[rows], dim=-1)
+        processed = process_logits(logits, self._tensors, self._history)
+        result = self._sample(processed, self._tensors, self._history)
+        tokens = torch.where(producing, result.tokens, self._next_tokens)  # [S]
+        if beams:
+            self._beam_step(beams, processed, tokens)
+        self._history.append(tokens, producing)
+        self._next_tokens = tokens
+        return self._bookkeep(producing, tokens, result)
+
+    def _rows(self, req: Request) -> Tensor:
+        return torch.tensor(req.rows, dtype=torch.long, device=self.device)
+
+    def _on_admit(self, req: Request) -> None:
+        req.samples = self.output.new_samples(req.params, req.rows, req.prompt_ids)
+        if req.params.use_beam_search:
+            req.beam = BeamSearchState.from_params([req.params], self.eos_token_ids, self.device)
+        bad_words = self.output.bad_words_ids(req.params) if req.params.bad_words else []
+        for s in req.samples:
+            self._row_specs[s.row] = RowSpec(req.params, s.index, req.seed, self.eos_token_ids, bad_words)
+            self._history.reset_row(s.row, req.prompt_ids)
+        self._tensors = None
+
+    def _beam_step(self, beams: list[Request], processed: Tensor, tokens: Tensor) -> None:
+        """Pick each beam request's next k beams; reorder the sample pool and history rows by parent."""
+        S = tokens.shape[0]
+        source = torch.arange(S, device=self.device)  # [S] row i continues row source[i]
+        for req in beams:
+            rows = self._rows(req)
+            step = req.beam.step(processed[rows])  # over [k, V]
+            tokens[rows] = step.next_tokens
+            source[rows] = rows[step.parent_rows]
+            req.beam_done = bool(step.done[0])
+        moved = (source != torch.arange(S, device=self.device)).nonzero().flatten()  # [M]
+        if moved.numel():
+            self.storage.pool.reorder(moved, source[moved])  # only the samples' own K/V move; the prompt stays
+            self._history.index_select(source)
+
+    # ---- per-sample bookkeeping (Python, once per produced token) ---------------------------------
+    def _bookkeep(self, producing: Tensor, tokens: Tensor, result) -> list[SampleDelta]:
+        now = time.perf_counter()
+        token_list, chosen_lp, top, ranks = self.output.step_results(result)
+        live = set(producing.nonzero().flatten().tolist())
+        deltas = []
+        for req in list(self.scheduler.running.values()):
+            if req.state != DECODE:
+                continue
+            if req.first_token_time is None:
+                req.first_token_time = now
+            if req.beam is not None:
+                if req.beam_done:
+                    hypotheses = req.beam.finalize()[0][: req.params.n]
+                    req.samples = self.output.finish_beams(req.params, req.samples, hypotheses)
+                    self._finish(req)
+                continue
+            for s in req.samples:
+                if s.finish_reason or s.row not in live:
+                    continue
+                tok = token_list[s.row]
+                deltas.append(self.output.append(req.request_id, req.params, s, tok, chosen_lp[s.row], top, ranks, s.row))
+                if s.finish_reason is not None:
+                    self.scheduler.live[s.row] = False
+            if req.finished:
+                self._finish(req)
+        return deltas
+
+    def _finish(self, req: Request) -> None:
+        self._release(req)
+        ttft = None if req.first_token_time is None else req.first_token_time - req.arrival
+        self._done[req.request_id] = self.output.request_output(req, ttft)
+
+    def _release(self, req: Request, cache_samples: bool = True) -> None:
+        for r in req.rows:
+            self._row_specs[r] = RowSpec.idle()
+        self._tensors = None
+        self.scheduler.release(req, cache_samples)

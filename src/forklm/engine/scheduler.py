@@ -1,0 +1,266 @@
+"""The scheduler: queues, admission with reference-counted storage, and one `StepPlan` per step.
+
+Each step it (1) continues the prompts being prefilled, a chunk each, within the step's token
+budget, (2) admits waiting requests in arrival order while sample rows, running slots and K/V
+budget allow: the longest cached prefix of the prompt is reused (a prefix still being prefilled
+makes the request wait for it), the rest gets a new pending node, (3) describes the decode step of
+every decoding row: its pool slot, position, and the shared segments above it, each listed once
+with the batch rows that read it. Finished requests release their rows and unpin their nodes; a
+finished sample's tokens are offered to the prefix cache as a continuation of its prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..kv.plan import DecodePlan, LevelPass, PrefillChunk, StepPlan
+from ..kv.prefix_cache import Node, PrefixCache, store_logits
+from ..kv.storage import CacheShape, KVStorage, Segment
+from ..sampling import BeamSearchState, SamplingParams
+from .output import SampleState
+
+WAITING, PREFILL, DECODE = "waiting", "prefill", "decode"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int
+    arrival: float
+    state: str = WAITING
+    samples: list[SampleState] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    node: Node | None = None  # the last node of the prompt's path (pinned while running)
+    own: Node | None = None  # the node this request prefills (None when the prompt was all cached)
+    scratch: Segment | None = None  # K/V of a logits-only recompute of the last prompt token
+    prefilled: int = 0  # prompt tokens whose K/V exist
+    first_logits: Tensor | None = None  # [V] next-token logits at the prompt's end, once known
+    num_cached_tokens: int = 0
+    prompt_logprobs: list | None = None
+    prompt_logits: list[Tensor] = field(default_factory=list)  # [c, V] per chunk, for prompt_logprobs
+    first_token_time: float | None = None
+    beam: BeamSearchState | None = None
+    beam_done: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.samples) and all(s.finish_reason for s in self.samples)
+
+    @property
+    def cacheable(self) -> bool:
+        return self.params.prompt_logprobs is None  # those need every position's logits: computed afresh
+
+
+class Scheduler:
+    def __init__(self, storage: KVStorage, cache: PrefixCache, shape: CacheShape, replicated: bool,
+                 chunk_tokens: int | None, dense_batch: bool):
+        self.storage, self.cache, self.shape = storage, cache, shape
+        self.replicated = replicated
+        self.chunk_tokens = chunk_tokens  # prompt tokens prefilled per step (None: whole prompts)
+        self.dense_batch = dense_batch  # decode over every pool row (static shapes for compiled graphs)
+        S = shape.max_samples
+        self.dec_len = [0] * S  # tokens each pool row holds in its own slots (decoded so far)
+        self.prompt_len = [0] * S
+        self.live = [False] * S  # the row decodes next step
+        self.waiting: deque[Request] = deque()
+        self.running: dict[str, Request] = {}
+
+    # ---- admission --------------------------------------------------------------------------------
+    def _try_admit(self, req: Request) -> bool:
+        n = req.params.num_sequences
+        if len(self.running) >= self.shape.max_prompts or self.storage.free_rows < n:
+            return False
+        prompt, L = req.prompt_ids, len(req.prompt_ids)
+        use_cache = self.cache.enabled and req.cacheable and not self.replicated
+        m = self.cache.match(prompt) if use_cache else None
+        if m is not None and m.blocked:
+            return False  # a prefix of this prompt is being prefilled: wait for it
+        matched = 0 if m is None else m.length + (m.partial[1] if m.partial else 0)
+        need = L - matched if matched < L else (1 if self._needs_logits(m) else 0)
+        if need > self.storage.free_tokens:
+            protect = None if m is None else (m.partial[0] if m.partial else m.node)
+            self.cache.evict(need - self.storage.free_tokens, protect=protect)
+            if need > self.storage.free_tokens:
+                return False
+        parent = self.cache.root
+        if m is not None:
+            parent = self.cache.split(*m.partial) if m.partial else m.node
+        if matched < L:
+            seg = self.storage.allocate(L - matched)
+            req.own = self.cache.insert(parent, prompt[matched:], seg, pending=True, private=not use_cache)
+            req.node = req.own
+        else:  # the whole prompt is cached
+            req.node = parent
+            if parent.logits is not None:
+                req.first_logits = parent.logits
+            else:
+                req.scratch = self.storage.allocate(1)
+        req.prefilled = matched
+        req.num_cached_tokens = matched
+        self.cache.hit_tokens += matched
+        self.cache.lock(req.node)
+        req.rows = self.storage.take_rows(n)
+        for row in req.rows:
+            self.prompt_len[row], self.dec_len[row], self.live[row] = L, 0, False
+        req.state = PREFILL
+        self.running[req.request_id] = req
+        return True
+
+    @staticmethod
+    def _needs_logits(m) -> bool:
+        """The whole prompt matched: a model call is needed unless its end node kept its logits."""
+        if m is None:
+            return True
+        if m.partial is not None:
+            return True
+        return m.node.logits is None
+
+    # ---- the step ---------------------------------------------------------------------------------
+    def schedule(self) -> tuple[StepPlan, list[Request]]:
+        """This step's plan, and the requests admitted in it. Admission comes first: matching a prompt
+        may split a cached node, which replaces its segment, and every plan reads segments."""
+        budget = self.chunk_tokens if self.chunk_tokens is not None else 1 << 62
+        for req in self.running.values():
+            if req.state == PREFILL:
+                budget -= self._next_chunk_size(req, budget)
+        admitted = []
+        while self.waiting and budget > 0:
+            req = self.waiting[0]
+            if not self._try_admit(req):
+                break
+            self.waiting.popleft()
+            admitted.append(req)
+            budget -= self._next_chunk_size(req, budget)
+        budget = self.chunk_tokens if self.chunk_tokens is not None else 1 << 62
+        prefills: list[PrefillChunk] = []
+        for req in list(self.running.values()):
+            if req.state == PREFILL and budget > 0:
+                budget -= self._chunk(req, budget, prefills)
+        return StepPlan(self._decode_plan(), prefills), admitted
+
+    def _next_chunk_size(self, req: Request, budget: int) -> int:
+        if req.first_logits is not None:
+            return 0
+        if req.scratch is not None:
+            return 1
+        return min(len(req.prompt_ids) - req.prefilled, max(budget, 0))
+
+    def _chunk(self, req: Request, budget: int, out: list[PrefillChunk]) -> int:
+        """Plan the next chunk of `req`'s prompt (at most `budget` tokens); returns its size."""
+        L = len(req.prompt_ids)
+        if req.first_logits is not None:
+            return 0
+        if req.scratch is not None:  # everything cached but the last position's logits
+            path = req.node.path()
+            levels = [(n.segment, len(n.tokens)) for n in path[:-1]]
+            if len(path[-1].tokens) > 1:
+                levels.append((path[-1].segment, len(path[-1].tokens) - 1))
+            out.append(PrefillChunk(req.request_id, req.prompt_ids[-1:], L - 1, levels, req.scratch, 0, True))
+            return 1
+        c = min(L - req.prefilled, budget)
+        own = req.own
+        levels = [(n.segment, len(n.tokens)) for n in own.path()[:-1]]
+        start = req.prefilled
+        out.append(PrefillChunk(req.request_id, req.prompt_ids[start : start + c], start, levels, own.segment,
+                                start - own.start, start + c == L, all_logits=not req.cacheable))
+        return c
+
+    def chunk_done(self, req: Request, chunk: PrefillChunk, logits: Tensor) -> bool:
+        """A chunk ran (logits [V] of its last position, or [c, V]); True when the prompt is complete."""
+        if req.scratch is not None:
+            self.storage.free(req.scratch)
+            req.scratch = None
+            req.first_logits = logits
+            if req.cacheable and not req.node.private:
+                store_logits(req.node, logits)
+            return True
+        if chunk.all_logits:
+            req.prompt_logits.append(logits)
+            logits = logits[-1]
+        req.prefilled += len(chunk.tokens)
+        req.own.segment.length = req.prefilled - req.own.start
+        if not chunk.last:
+            return False
+        req.own.pending = False
+        req.first_logits = logits
+        if req.cacheable and not req.own.private:
+            store_logits(req.own, logits)
+        return True
+
+    def start_decoding(self, req: Request) -> None:
+        """The request's first tokens were drawn: its rows decode from the next step."""
+        req.state = DECODE
+        if self.replicated:
+            self.storage.pool.copy_in(req.rows, req.own.segment)
+        for s in req.samples:
+            self.live[s.row] = s.finish_reason is None
+
+    def _decode_plan(self) -> DecodePlan | None:
+        reqs = [r for r in self.running.values() if r.state == DECODE]
+        rows = sorted(row for r in reqs for row in r.rows if self.live[row])
+        if not rows:
+            return None
+        device = self.storage.device
+        if self.dense_batch:
+            batch = list(range(self.shape.max_samples))
+        else:
+            batch = rows
+        index = {row: i for i, row in enumerate(batch)}
+        R = batch[-1] + 1
+        write = [self.dec_len[r] + (self.prompt_len[r] if self.replicated else 0) for r in batch]
+        positions = [self.prompt_len[r] + self.dec_len[r] for r in batch]
+        pool_len = [0] * R
+        for r, w in zip(batch, write):
+            if self.live[r]:
+                pool_len[r] = w + 1
+        levels = []
+        if not self.replicated:
+            users: dict[int, tuple[Node, list[int]]] = {}
+            for req in reqs:
+                idx = [index[row] for row in req.rows if self.live[row]]
+                if not idx:
+                    continue
+                for node in req.node.path():
+                    users.setdefault(id(node), (node, []))[1].extend(idx)
+            for node, idx in users.values():
+                idx.sort()
+                rows_sel = slice(idx[0], idx[-1] + 1) if idx[-1] - idx[0] + 1 == len(idx) else \
+                    torch.tensor(idx, dtype=torch.long, device=device)
+                levels.append(LevelPass(node.segment, len(node.tokens), rows_sel, len(idx)))
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        return DecodePlan(t(batch), t(positions), t(write), t(pool_len), max(pool_len), batch == list(range(R)), levels)
+
+    def advance(self, plan: DecodePlan) -> None:
+        """After a decode step: every live row of the batch holds one more token."""
+        for r in plan.pool_rows.tolist():
+            if self.live[r]:
+                self.dec_len[r] += 1
+
+    # ---- release ----------------------------------------------------------------------------------
+    def release(self, req: Request, cache_samples: bool = True) -> None:
+        """Free a finished or aborted request's rows; unpin its path (caching its samples' tokens)."""
+        self.running.pop(req.request_id, None)
+        if req.node is None:
+            return
+        if cache_samples and req.state == DECODE and not self.replicated and req.beam is None:
+            for s in req.samples:
+                t = self.dec_len[s.row]  # decoded tokens with K/V in the row (the last one drawn has none)
+                if t > 0 and self.cache.enabled and not req.node.private:
+                    self.cache.extend(req.node, s.token_ids[:t], self.storage.pool.extract(s.row, t))
+        for row in req.rows:
+            self.live[row], self.dec_len[row] = False, 0
+        self.storage.give_rows(req.rows)
+        if req.scratch is not None:
+            self.storage.free(req.scratch)
+            req.scratch = None
+        self.cache.unlock(req.node)
+        req.node = req.own = None
+        req.rows = []

@@ -1,0 +1,62 @@
+"""The step plan: what one engine step computes, as plain data built once per step by the scheduler
+and handed to the model runner and the attention backends as an argument (never state on a cache).
+
+Decode: a batch of B sample rows (one query token each). Every row reads its own row of the sample
+pool (the sample level) and every shared segment on its path (system prompt -> prompt -> ...), each
+segment once for all the rows below it: a `LevelPass` names the segment, how many of its tokens are
+valid, and the batch rows that attend to it (a slice when they are contiguous, which the scheduler
+arranges by handing out a request's rows together).
+
+Prefill: chunks of prompt tokens, each attending to the cached levels above it and causally to
+itself; its K/V land in `own` at `own_offset`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from .storage import Segment
+
+
+@dataclass
+class LevelPass:
+    segment: Segment
+    length: int  # valid tokens of the segment
+    rows: slice | Tensor  # batch rows attending to it: a slice, or an int64 index [R]
+    num_rows: int
+
+
+@dataclass
+class DecodePlan:
+    pool_rows: Tensor  # [B] int64: the pool row of each batch row, ascending
+    positions: Tensor  # [B] int64: the position of each row's current token
+    write_pos: Tensor  # [B] int64: where the current token's K/V go in its pool row
+    pool_len: Tensor  # [R] int64: valid keys of pool rows 0..R-1 after the write (0: not in the batch)
+    window: int  # slots of the pool rows read (the longest valid length)
+    dense: bool  # the batch is exactly pool rows 0..R-1, in order (no scatter to the pool's order)
+    levels: list[LevelPass] = field(default_factory=list)
+
+    @property
+    def num_rows(self) -> int:
+        return self.pool_rows.shape[0]
+
+
+@dataclass
+class PrefillChunk:
+    request_id: str
+    tokens: list[int]  # the chunk's prompt tokens
+    start: int  # position of the first one
+    levels: list[tuple[Segment, int]]  # cached segments above the own segment, with valid lengths
+    own: Segment  # where the chunk's K/V are written (and what it attends to causally)
+    own_offset: int  # the chunk's first slot in `own` (earlier slots: earlier chunks of this prompt)
+    last: bool  # the chunk ends the prompt: its last position's logits start the samples
+    all_logits: bool = False  # every position's logits (prompt_logprobs)
+
+
+@dataclass
+class StepPlan:
+    decode: DecodePlan | None
+    prefills: list[PrefillChunk]
+    decode_request_ids: list[str] = field(default_factory=list)

@@ -1,0 +1,175 @@
+"""K/V storage as levels: shared segments (a prompt or prefix, stored once) and the sample pool.
+
+- A `Segment` holds the keys/values of consecutive tokens for every layer, allocated for a known
+  number of tokens and filled as prefill chunks arrive. Shared levels of decode attention are
+  segments: a system prompt, a question under it, an earlier turn of a conversation.
+- The `SamplePool` holds each sample's own decoded K/V in a row of `[rows, Hkv, T, D]` per layer
+  (the replicated layout keeps the prompt in the row too: T = prompt + new tokens).
+- `KVStorage` owns both and accounts for memory as a token budget: the pool's rows are reserved
+  when it is sized, segments come out of what is left. It never frees on its own: the scheduler
+  and the prefix cache decide what is released and what is evicted.
+
+Dense per-segment tensors rather than pages: on CPU a segment's K/V is read by one kernel call as a
+plain strided view, with no block table and no gather.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..config import ModelConfig
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """An engine's sizes: sample rows and their length, and the admission limits per request."""
+
+    max_prompts: int  # requests running at once
+    max_samples: int  # S: sample rows of the pool
+    max_samples_per_prompt: int  # the most samples (n, best_of, beam width) one request may take
+    max_prompt_len: int  # the longest prompt accepted
+    max_new_tokens: int  # T: the largest max_tokens accepted (the length of a sample row)
+
+    def __post_init__(self):
+        for name in ("max_prompts", "max_samples", "max_samples_per_prompt", "max_prompt_len", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CacheShape.{name} must be >= 1")
+
+
+def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """K and V of one token over every layer."""
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+class Segment:
+    """K/V of `length` consecutive tokens (capacity allocated up front): kv [layers, 2, Hkv, cap, D]."""
+
+    def __init__(self, kv: Tensor, length: int = 0):
+        self.kv = kv
+        self.length = length
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[3]
+
+    def k(self, layer: int) -> Tensor:
+        return self.kv[layer, 0]  # [Hkv, cap, D]
+
+    def v(self, layer: int) -> Tensor:
+        return self.kv[layer, 1]  # [Hkv, cap, D]
+
+    def write(self, layer: int, offset: int, k: Tensor, v: Tensor) -> None:
+        """k/v [Hkv, c, D] -> tokens offset .. offset + c - 1."""
+        c = k.shape[1]
+        self.kv[layer, 0, :, offset : offset + c] = k
+        self.kv[layer, 1, :, offset : offset + c] = v
+
+
+def write_at(buf: Tensor, rows: Tensor, pos: Tensor, x: Tensor) -> None:
+    """buf[rows[i], :, pos[i]] = x[i] for every i, as one index_copy_ into a flat view.
+
+    buf [S, Hkv, T, D], rows/pos [B], x [B, Hkv, D]. (Advanced-index assignment costs ~10x more here.)
+    """
+    S, Hkv, T, D = buf.shape
+    heads = torch.arange(Hkv, device=buf.device)  # [Hkv]
+    flat = ((rows[:, None] * Hkv + heads) * T + pos[:, None]).flatten()  # [B*Hkv]
+    buf.view(S * Hkv * T, D).index_copy_(0, flat, x.reshape(-1, D))
+
+
+class SamplePool:
+    """Per-sample K/V rows: k[layer], v[layer] : [S, Hkv, T, D]."""
+
+    def __init__(self, cfg: ModelConfig, rows: int, length: int, dtype: torch.dtype, device):
+        size = (rows, cfg.n_kv_heads, length, cfg.head_dim)  # [S, Hkv, T, D]
+        self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.rows, self.length = rows, length
+
+    def reorder(self, dst: Tensor, src: Tensor) -> None:
+        """Beam search: rows dst take the K/V of rows src."""
+        for buf in self.k + self.v:
+            buf[dst] = buf[src]
+
+    def copy_in(self, rows: list[int], segment: Segment, offset: int = 0) -> None:
+        """The replicated layout: a prompt's K/V copied into each of `rows` at offset."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.k[0].device)
+        L = segment.length
+        for layer, (k, v) in enumerate(zip(self.k, self.v)):
+            k[idx, :, offset : offset + L] = segment.k(layer)[:, :L].unsqueeze(0)
+            v[idx, :, offset : offset + L] = segment.v(layer)[:, :L].unsqueeze(0)
+
+    def extract(self, row: int, length: int) -> Tensor:
+        """One row's first `length` tokens as a fresh kv tensor [layers, 2, Hkv, length, D]."""
+        k = torch.stack([b[row, :, :length] for b in self.k])  # [layers, Hkv, length, D]
+        v = torch.stack([b[row, :, :length] for b in self.v])
+        return torch.stack([k, v], dim=1)  # [layers, 2, Hkv, length, D]
+
+
+class KVStorage:
+    """The sample pool plus a token budget for segments; rows handed out lowest first."""
+
+    def __init__(self, cfg: ModelConfig, shape: CacheShape, row_length: int, budget_bytes: int,
+                 dtype: torch.dtype, device):
+        self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
+        self.token_bytes = bytes_per_token(cfg, dtype)
+        self.segment_tokens = 0  # allocated to segments now
+        self.resize(shape, row_length, budget_bytes)
+
+    def resize(self, shape: CacheShape, row_length: int, budget_bytes: int) -> None:
+        """A new sample pool (no row may be in use); segments are kept and still counted."""
+        self.pool = None  # the old pool's memory goes before the new one is allocated
+        self.pool = SamplePool(self.cfg, shape.max_samples, row_length, self.dtype, self.device)
+        pool_tokens = shape.max_samples * row_length
+        self.budget_tokens = max(0, budget_bytes // self.token_bytes - pool_tokens)  # for segments
+        self._free_rows = list(range(shape.max_samples))
+
+    # ---- segments ---------------------------------------------------------------------------------
+    @property
+    def free_tokens(self) -> int:
+        return self.budget_tokens - self.segment_tokens
+
+    def allocate(self, tokens: int) -> Segment | None:
+        """A segment of `tokens` slots, or None when the budget does not hold it."""
+        if tokens > self.free_tokens:
+            return None
+        cfg = self.cfg
+        kv = torch.empty((cfg.n_layers, 2, cfg.n_kv_heads, tokens, cfg.head_dim), dtype=self.dtype, device=self.device)
+        self.segment_tokens += tokens
+        return Segment(kv)
+
+    def adopt(self, kv: Tensor) -> Segment | None:
+        """A segment around an existing kv tensor [layers, 2, Hkv, L, D] (counted), or None if over budget."""
+        if kv.shape[3] > self.free_tokens:
+            return None
+        self.segment_tokens += kv.shape[3]
+        return Segment(kv, kv.shape[3])
+
+    def free(self, segment: Segment) -> None:
+        self.segment_tokens -= segment.capacity
+        segment.kv = segment.kv[:, :, :, :0]  # drop the memory now, even if a reference lingers
+
+    # ---- sample rows ------------------------------------------------------------------------------
+    @property
+    def free_rows(self) -> int:
+        return len(self._free_rows)
+
+    @property
+    def rows_in_use(self) -> int:
+        return self.pool.rows - len(self._free_rows)
+
+    def take_rows(self, n: int) -> list[int] | None:
+        """n rows (the lowest free ones, so that live rows stay packed at the front), or None."""
+        if n > len(self._free_rows):
+            return None
+        rows, self._free_rows = self._free_rows[:n], self._free_rows[n:]
+        return rows
+
+    def give_rows(self, rows: list[int]) -> None:
+        self._free_rows = sorted(self._free_rows + list(rows))
+
+    def nbytes(self) -> int:
+        """Bytes held now: the pool plus every live segment."""
+        return self.token_bytes * (self.pool.rows * self.pool.length + self.segment_tokens)

@@ -1,0 +1,105 @@
+"""Level attention (attention/cascade.py) vs plain SDPA over each row's explicitly concatenated keys.
+
+Decode: B rows under a tree of shared segments (1 to 4 levels, ragged lengths, empty levels), each
+row with its own pool row; prefill: a chunk attending to cached levels and causally to itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from forklm.attention.cascade import DecodeAttention, PrefillAttention
+from forklm.kv.plan import DecodePlan, LevelPass, PrefillChunk
+from forklm.kv.storage import Segment
+
+HEADS = [(4, 4), (8, 2), (6, 1)]  # MHA, GQA, MQA
+TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+LENGTHS = [1, 15, 16, 17, 300, 0]
+
+
+class _Pool:
+    def __init__(self, rows, hkv, t, d, dtype):
+        self.k = [torch.randn(rows, hkv, t, d).to(dtype)]
+        self.v = [torch.randn(rows, hkv, t, d).to(dtype)]
+
+
+def _segment(hkv, length, d, dtype, spare=3):
+    kv = torch.randn(1, 2, hkv, length + spare, d).to(dtype)  # spare slots hold garbage past `length`
+    kv[..., length:, :] *= 50
+    return Segment(kv, length)
+
+
+def _reference(q, keys, values):
+    """q [H, D]; keys/values [Hkv, L, D] -> SDPA over them, [H, D]."""
+    g = q.shape[0] // keys.shape[0]
+    out = F.scaled_dot_product_attention(q[None, :, None].float(), keys.repeat_interleave(g, 0)[None].float(),
+                                         values.repeat_interleave(g, 0)[None].float())
+    return out[0, :, 0]
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dense", [True, False])
+def test_decode_levels_match_sdpa_over_concatenated_cache(depth, heads, dtype, dense):
+    torch.manual_seed(depth * 10 + heads[1])
+    h, hkv = heads
+    d, T = 16, 24
+    # a tree: level 0 one root segment; each further level splits the rows into more groups
+    B = 7
+    pool_rows = list(range(B)) if dense else [0, 2, 3, 5, 6, 8, 9]
+    R = pool_rows[-1] + 1
+    pool = _Pool(R, hkv, T, d, dtype)
+    groups_per_level = [1, 2, 3, 7][:depth]
+    levels, paths = [], [[] for _ in range(B)]
+    for lvl, ngroups in enumerate(groups_per_level):
+        bounds = torch.linspace(0, B, ngroups + 1).round().long().tolist()
+        for gi in range(ngroups):
+            lo, hi = bounds[gi], bounds[gi + 1]
+            if lo == hi:
+                continue
+            length = LENGTHS[(lvl * 3 + gi) % len(LENGTHS)]
+            seg = _segment(hkv, length, d, dtype)
+            rows = slice(lo, hi) if (lvl + gi) % 2 == 0 else torch.arange(lo, hi)
+            levels.append(LevelPass(seg, length, rows, hi - lo))
+            for b in range(lo, hi):
+                paths[b].append(seg)
+    dec = [3, 0, 5, 1, 7, 2, 4]  # tokens already in each row before this step
+    write = torch.tensor(dec)
+    pool_len = torch.zeros(R, dtype=torch.long)
+    pool_len[pool_rows] = write + 1
+    plan = DecodePlan(torch.tensor(pool_rows), write, write, pool_len, int(pool_len.max()), dense, levels)
+    q, k, v = (torch.randn(B, x, 1, d).to(dtype) for x in (h, hkv, hkv))
+    out = DecodeAttention(pool, plan).attend(0, q, k, v)  # [B, H, 1, D]
+    assert out.shape == (B, h, 1, d) and out.dtype == dtype
+    for b, row in enumerate(pool_rows):
+        ks = [s.k(0)[:, : s.length] for s in paths[b]] + [pool.k[0][row, :, : dec[b] + 1]]
+        vs = [s.v(0)[:, : s.length] for s in paths[b]] + [pool.v[0][row, :, : dec[b] + 1]]
+        assert torch.equal(pool.k[0][row, :, dec[b]], k[b, :, 0])  # the token was written first
+        ref = _reference(q[b, :, 0], torch.cat(ks, 1), torch.cat(vs, 1))
+        assert (out[b, :, 0].float() - ref).abs().max() < TOL[dtype], (b, depth)
+
+
+@pytest.mark.parametrize("levels", [[], [17], [16, 1], [300, 15, 0]])
+@pytest.mark.parametrize("offset, c", [(0, 1), (0, 9), (5, 1), (16, 17)])
+@pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa", "mqa"])
+def test_prefill_chunk_matches_causal_sdpa_over_concatenation(levels, offset, c, heads):
+    torch.manual_seed(offset + c)
+    h, hkv = heads
+    d = 16
+    segs = [_segment(hkv, n, d, torch.float32) for n in levels]
+    own = _segment(hkv, offset, d, torch.float32, spare=c)  # earlier chunks in [0, offset)
+    start = sum(levels) + offset
+    chunk = PrefillChunk("r", list(range(c)), start, [(s, n) for s, n in zip(segs, levels)], own, offset, True)
+    q, k, v = torch.randn(1, h, c, d), torch.randn(1, hkv, c, d), torch.randn(1, hkv, c, d)
+    out = PrefillAttention(chunk).attend(0, q, k, v)  # [1, H, c, D]
+    K = torch.cat([s.k(0)[:, :n] for s, n in zip(segs, levels)] + [own.k(0)[:, : offset + c]], 1)  # [Hkv, Lk, D]
+    V = torch.cat([s.v(0)[:, :n] for s, n in zip(segs, levels)] + [own.v(0)[:, : offset + c]], 1)
+    assert torch.equal(own.k(0)[:, offset : offset + c], k[0])
+    g = h // hkv
+    Lk = K.shape[1]
+    keep = torch.arange(Lk)[None, :] <= (start + torch.arange(c))[:, None]  # [c, Lk]
+    ref = F.scaled_dot_product_attention(q, K.repeat_interleave(g, 0)[None], V.repeat_interleave(g, 0)[None],
+                                         attn_mask=keep)
+    assert (out - ref).abs().max() < 2e-5
