@@ -117,8 +117,10 @@ class LLM:
         held = self._engine.storage.nbytes() if self._engine is not None else 0
         return int((available_memory_bytes(self.device) + held) * self.memory_fraction)
 
-    def _check_fits(self, shape: CacheShape, budget: int) -> None:
-        need = self.cache_bytes(shape)
+    def _check_fits(self, shape: CacheShape, budget: int, resident_prompts: int | None = None) -> None:
+        need = self.cache_bytes(shape if resident_prompts is None else CacheShape(
+            resident_prompts, shape.max_samples, shape.max_samples_per_prompt, shape.max_prompt_len,
+            shape.max_new_tokens))
         if need > budget:
             fit = self.max_n_that_fits(shape, budget)
             raise CapacityError(
@@ -127,10 +129,11 @@ class LLM:
                 max_n=fit,
             )
 
-    def make_engine(self, shape: CacheShape, **engine_args) -> Engine:
-        """A new engine with `shape`'s sample rows and limits, checked against the memory budget."""
+    def make_engine(self, shape: CacheShape, resident_prompts: int | None = None, **engine_args) -> Engine:
+        """A new engine with `shape`'s sample rows and limits, checked against the memory budget with
+        `resident_prompts` longest prompts held at once (default: max_prompts of them)."""
         budget = self.memory_budget()
-        self._check_fits(shape, budget)
+        self._check_fits(shape, budget, resident_prompts)
         row_len = shape.max_new_tokens + (shape.max_prompt_len if self.kv_layout == "replicated" else 0)
         storage = KVStorage(self.config, shape, row_len, budget, self.dtype, self.device)
         args = dict(compile=self.compile, replicated=self.kv_layout == "replicated",

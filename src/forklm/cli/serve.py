@@ -20,11 +20,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: MODEL as given)")
     p.add_argument("--max-batch", type=int, default=64,
                    help="sample rows decoded together: the sum of n over running requests (default 64)")
-    p.add_argument("--max-n", type=int, default=None,
-                   help="most samples per prompt (default: --max-batch); the context part of decode attention "
-                        "costs max-prompts x max-n query rows per step, so lower it when prompts are many and n small")
-    p.add_argument("--max-prompts", type=int, default=8, help="prompts in the running batch (context slots, default 8)")
-    p.add_argument("--max-prompt-len", type=int, default=1024, help="longest prompt in tokens (default 1024)")
+    p.add_argument("--max-n", type=int, default=None, help="most samples per prompt (default: --max-batch)")
+    p.add_argument("--max-prompts", type=int, default=64, help="requests (prompts) running at once (default 64)")
+    p.add_argument("--max-prompt-len", type=int, default=None,
+                   help="longest prompt in tokens (default: the model's context length less one)")
+    p.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="GiB for K/V: the sample rows plus cached prefixes (default: 75%% of the free memory)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="compute every prompt afresh (default: reuse the K/V of any prefix already computed)")
+    p.add_argument("--prefill-chunk-tokens", type=int, default=512,
+                   help="prompt tokens prefilled per engine step, between decode steps of running requests (default 512)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests (prompts) that may wait for the batch; beyond it 429 + Retry-After (default 256)")
@@ -43,21 +48,25 @@ def run(args: argparse.Namespace) -> int:
     from ..kv.storage import CacheShape
     from ..server import EngineRunner, Metrics, ServerContext, build_app
 
-    for name in ("max_batch", "max_prompts", "max_prompt_len", "max_tokens", "max_queue"):
-        if getattr(args, name) < 1:
+    for name in ("max_batch", "max_prompts", "max_prompt_len", "max_tokens", "max_queue", "prefill_chunk_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InvalidParameterError("--" + name.replace("_", "-"), "must be >= 1")
+    if args.kv_cache_memory is not None and not args.kv_cache_memory > 0:
+        raise InvalidParameterError("--kv-cache-memory", "must be > 0 (GiB)")
     if args.max_n is not None and args.max_n < 1:
         raise InvalidParameterError("--max-n", "must be >= 1")
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_layout=args.kv_layout, compile=args.compile)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_layout=args.kv_layout, compile=args.compile,
+              kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+              prefill_chunk_tokens=args.prefill_chunk_tokens)
     context_len = llm.config.max_position_embeddings
     shape = CacheShape(
         max_prompts=args.max_prompts,
         max_samples=args.max_batch,
         max_samples_per_prompt=min(args.max_n or args.max_batch, args.max_batch),
-        max_prompt_len=min(args.max_prompt_len, context_len - 1),
+        max_prompt_len=min(args.max_prompt_len or context_len - 1, context_len - 1),
         max_new_tokens=min(args.max_tokens, context_len - 1),
     )
-    engine = llm.make_engine(shape)  # CapacityError (naming the largest n that fits) if it does not
+    engine = llm.make_engine(shape, resident_prompts=1)  # CapacityError (naming the largest n that fits) if not
     if args.model is None:
         name, aliases = args.served_model_name or DEFAULT_MODEL_NAME, {DEFAULT_MODEL_NAME, "default"}
     else:
@@ -79,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     sys.stderr.write(
         f"forklm serve: {name} on http://{args.host}:{args.port} ({shape.max_samples} sample rows, "
         f"{shape.max_prompts} prompts, n <= {shape.max_samples_per_prompt}, prompt <= {shape.max_prompt_len} tokens, "
-        f"max_tokens <= {shape.max_new_tokens}, queue {args.max_queue}{', API key required' if args.api_key else ''})\n"
+        f"max_tokens <= {shape.max_new_tokens}, queue {args.max_queue}, KV budget {engine.storage.nbytes_budget() / 2**30:.2f} GiB, "
+        f"prefix caching {'off' if args.no_prefix_caching else 'on'}{', API key required' if args.api_key else ''})\n"
     )
     sys.stderr.flush()
     uvicorn.run(

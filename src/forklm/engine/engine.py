@@ -160,6 +160,12 @@ class Engine:
     def rows_in_use(self) -> int:
         return self.storage.rows_in_use
 
+    def kv_usage(self) -> float:
+        """The fraction of the K/V budget in use: rows taken by requests plus all segments."""
+        st = self.storage
+        total = st.pool.rows * st.pool.length + st.budget_tokens
+        return (st.rows_in_use * st.pool.length + st.segment_tokens) / max(total, 1)
+
     def pop_output(self, request_id: str) -> RequestOutput | None:
         """The final output of a finished request (once)."""
         return self._done.pop(request_id, None)

@@ -25,6 +25,7 @@ from ..sampling import BeamSearchState, SamplingParams
 from .output import SampleState
 
 WAITING, PREFILL, DECODE = "waiting", "prefill", "decode"
+ADMITTED, BLOCKED, FULL = "admitted", "blocked", "full"
 
 
 @dataclass
@@ -74,22 +75,22 @@ class Scheduler:
         self.running: dict[str, Request] = {}
 
     # ---- admission --------------------------------------------------------------------------------
-    def _try_admit(self, req: Request) -> bool:
+    def _try_admit(self, req: Request) -> str:
         n = req.params.num_sequences
         if len(self.running) >= self.shape.max_prompts or self.storage.free_rows < n:
-            return False
+            return FULL
         prompt, L = req.prompt_ids, len(req.prompt_ids)
         use_cache = self.cache.enabled and req.cacheable and not self.replicated
         m = self.cache.match(prompt) if use_cache else None
         if m is not None and m.blocked:
-            return False  # a prefix of this prompt is being prefilled: wait for it
+            return BLOCKED  # a prefix of this prompt is being prefilled: wait for it
         matched = 0 if m is None else m.length + (m.partial[1] if m.partial else 0)
         need = L - matched if matched < L else (1 if self._needs_logits(m) else 0)
         if need > self.storage.free_tokens:
             protect = None if m is None else (m.partial[0] if m.partial else m.node)
             self.cache.evict(need - self.storage.free_tokens, protect=protect)
             if need > self.storage.free_tokens:
-                return False
+                return FULL
         parent = self.cache.root
         if m is not None:
             parent = self.cache.split(*m.partial) if m.partial else m.node
@@ -112,7 +113,7 @@ class Scheduler:
             self.prompt_len[row], self.dec_len[row], self.live[row] = L, 0, False
         req.state = PREFILL
         self.running[req.request_id] = req
-        return True
+        return ADMITTED
 
     @staticmethod
     def _needs_logits(m) -> bool:
@@ -132,11 +133,15 @@ class Scheduler:
             if req.state == PREFILL:
                 budget -= self._next_chunk_size(req, budget)
         admitted = []
-        while self.waiting and budget > 0:
-            req = self.waiting[0]
-            if not self._try_admit(req):
+        for req in list(self.waiting):
+            if budget <= 0:
                 break
-            self.waiting.popleft()
+            verdict = self._try_admit(req)
+            if verdict == FULL:
+                break
+            if verdict == BLOCKED:  # waits for a prefix being prefilled; later requests may go ahead
+                continue
+            self.waiting.remove(req)
             admitted.append(req)
             budget -= self._next_chunk_size(req, budget)
         budget = self.chunk_tokens if self.chunk_tokens is not None else 1 << 62

@@ -170,6 +170,10 @@ class KVStorage:
     def give_rows(self, rows: list[int]) -> None:
         self._free_rows = sorted(self._free_rows + list(rows))
 
+    def nbytes_budget(self) -> int:
+        """Bytes of the whole budget: the pool plus what segments may take."""
+        return self.token_bytes * (self.pool.rows * self.pool.length + self.budget_tokens)
+
     def nbytes(self) -> int:
         """Bytes held now: the pool plus every live segment."""
         return self.token_bytes * (self.pool.rows * self.pool.length + self.segment_tokens)

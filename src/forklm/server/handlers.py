@@ -129,7 +129,7 @@ async def create_completion(req: CompletionRequest, http: Request, ctx: ServerCo
                 logprobs = fmt.completion_logprobs(token_entries, params.logprobs, ctx.decode_token)
             choices.append(fmt.completion_choice(p_index * params.n + o.index, text, logprobs, o.finish_reason,
                                                  o.stop_reason))
-    usage = fmt.usage(sum(len(p) for p in prompts), completion_tokens)
+    usage = fmt.usage(sum(len(p) for p in prompts), completion_tokens, sum(o.num_cached_tokens for o in outputs))
     return JSONResponse(fmt.completion_body(request_id, ctx.model_name, choices, usage))
 
 
@@ -139,7 +139,7 @@ async def _completion_stream(
 ) -> AsyncIterator[str]:
     created, n, with_usage = fmt.now(), params.n, req.include_usage
     offsets: dict[int, int] = {}  # choice index -> text offset of its next token (logprobs)
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     try:
         while not handle.done:
             event = await handle.next()
@@ -147,6 +147,8 @@ async def _completion_stream(
                 yield event.error.sse()
                 yield fmt.DONE
                 return
+            if event.output is not None:
+                cached_tokens += event.output.num_cached_tokens
             chunks = []
             for d in event.deltas:
                 index = event.prompt_index * n + d.index
@@ -169,7 +171,7 @@ async def _completion_stream(
                 yield "".join(chunks)
         if with_usage:
             yield fmt.sse(fmt.usage_chunk(request_id, ctx.model_name, created, "text_completion",
-                                          fmt.usage(prompt_tokens, completion_tokens)))
+                                          fmt.usage(prompt_tokens, completion_tokens, cached_tokens)))
         yield fmt.DONE
     finally:
         handle.close()
@@ -204,7 +206,7 @@ async def create_chat_completion(req: ChatCompletionRequest, http: Request, ctx:
         if params.logprobs is not None:
             logprobs = fmt.chat_logprobs(_entries(o.token_ids, o.logprobs), params.logprobs, ctx.decode_token)
         choices.append(fmt.chat_choice(o.index, o.text or "", logprobs, o.finish_reason, o.stop_reason))
-    usage = fmt.usage(len(prompt), sum(len(o.token_ids) for o in out.outputs))
+    usage = fmt.usage(len(prompt), sum(len(o.token_ids) for o in out.outputs), out.num_cached_tokens)
     return JSONResponse(fmt.chat_body(request_id, ctx.model_name, choices, usage))
 
 
@@ -226,7 +228,7 @@ async def _chat_stream(
     request_id: str, prompt_tokens: int,
 ) -> AsyncIterator[str]:
     created, with_usage = fmt.now(), req.include_usage
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
 
     def chunk(choice: dict) -> str:
         return fmt.sse(fmt.chat_chunk(request_id, ctx.model_name, created, [choice], with_usage))
@@ -239,6 +241,8 @@ async def _chat_stream(
                 yield event.error.sse()
                 yield fmt.DONE
                 return
+            if event.output is not None:
+                cached_tokens += event.output.num_cached_tokens
             parts = []
             for d in event.deltas:
                 completion_tokens += len(d.token_ids)
@@ -253,7 +257,7 @@ async def _chat_stream(
                 yield "".join(parts)
         if with_usage:
             yield fmt.sse(fmt.usage_chunk(request_id, ctx.model_name, created, "chat.completion.chunk",
-                                          fmt.usage(prompt_tokens, completion_tokens)))
+                                          fmt.usage(prompt_tokens, completion_tokens, cached_tokens)))
         yield fmt.DONE
     finally:
         handle.close()

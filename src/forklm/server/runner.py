@@ -123,12 +123,22 @@ class EngineRunner:
         self.num_waiting = 0
         self.num_running = 0
         self.rows_in_use = 0
+        self.kv_usage = 0.0
+        self.cached_tokens = 0
         self.rows_capacity = engine.shape.max_samples
         metrics.gauge("forklm_requests_waiting", "Engine requests queued, not yet admitted.", lambda: self.num_waiting)
         metrics.gauge("forklm_requests_running", "Engine requests in the running batch.", lambda: self.num_running)
         metrics.gauge("forklm_sample_rows_in_use", "Sample rows of the batch decoding now.", lambda: self.rows_in_use)
         metrics.gauge("forklm_sample_rows_capacity", "Sample rows of the batch (--max-batch).",
                       lambda: self.rows_capacity)
+        metrics.gauge("forklm_prefix_cache_hit_tokens_total", "Prompt tokens whose K/V came from the prefix cache.",
+                      lambda: engine.prefix_cache.hit_tokens)
+        metrics.gauge("forklm_prefix_cache_evictions_total", "Cached prefixes evicted (LRU, unpinned only).",
+                      lambda: engine.prefix_cache.evictions)
+        metrics.gauge("forklm_prefix_cache_tokens", "Tokens held by the prefix cache (in use or not).",
+                      lambda: self.cached_tokens)
+        metrics.gauge("forklm_kv_cache_usage", "Fraction of the KV budget in use (sample rows + segments).",
+                      lambda: self.kv_usage)
         metrics.gauge("forklm_queue_capacity", "Most engine requests that may wait (--max-queue).",
                       lambda: self.max_queue)
 
@@ -315,6 +325,8 @@ class EngineRunner:
         self.num_waiting = self.engine.num_waiting
         self.num_running = self.engine.num_running
         self.rows_in_use = self.engine.rows_in_use
+        self.kv_usage = self.engine.kv_usage()
+        self.cached_tokens = self.engine.storage.segment_tokens
 
     @staticmethod
     def _post(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
