@@ -199,6 +199,11 @@ class Engine:
                 req.prompt_logits = []
             sch.start_decoding(req)
         if not bool(producing.any()):
+            if not plan.prefills and not sch.running and sch.waiting:  # nothing runs, nothing can start
+                req = sch.waiting.popleft()
+                raise CapacityError(f"request {req.request_id!r} cannot be admitted: {len(req.prompt_ids)} prompt "
+                                    f"tokens and n={req.params.num_sequences} exceed what the KV budget holds "
+                                    f"({self.storage.free_tokens} free tokens, {self.storage.free_rows} free rows)")
             return []
         if self._tensors is None:
             self._tensors = SamplingTensors.build(self._row_specs, self.vocab_size, self.device)

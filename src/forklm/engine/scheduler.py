@@ -75,7 +75,7 @@ class Scheduler:
         self.running: dict[str, Request] = {}
 
     # ---- admission --------------------------------------------------------------------------------
-    def _try_admit(self, req: Request) -> str:
+    def _try_admit(self, req: Request, retry: bool = True) -> str:
         n = req.params.num_sequences
         if len(self.running) >= self.shape.max_prompts or self.storage.free_rows < n:
             return FULL
@@ -90,7 +90,11 @@ class Scheduler:
             protect = None if m is None else (m.partial[0] if m.partial else m.node)
             self.cache.evict(need - self.storage.free_tokens, protect=protect)
             if need > self.storage.free_tokens:
-                return FULL
+                if not retry:
+                    return FULL
+                # evicting the matched prefix itself may make room for the whole prompt
+                self.cache.evict(need - self.storage.free_tokens)
+                return self._try_admit(req, retry=False)
         parent = self.cache.root
         if m is not None:
             parent = self.cache.split(*m.partial) if m.partial else m.node

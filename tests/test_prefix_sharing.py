@@ -1,0 +1,149 @@
+"""Prefix sharing end to end: shared prefixes in one call, across calls, continuations, chunked
+prefill, eviction under a tiny budget: token-identical to each prompt computed alone and cold."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from forklm import LLM, SamplingParams
+from forklm.errors import CapacityError
+from forklm.kv import CacheShape
+from forklm.kv.storage import bytes_per_token
+
+FAMILIES = ["llama_mha", "llama_gqa", "mistral", "qwen2", "gpt2", "gpt_bigcode_mqa"]
+SYSTEM = [(7 * i + 3) % 200 + 5 for i in range(23)]  # a 23-token "system prompt"
+QUESTIONS = [[11, 12, 13, 14, 15, 16, 17], [30 + i for i in range(16)], [40 + i for i in range(17)]]
+PROMPTS = [SYSTEM + QUESTIONS[0], SYSTEM + QUESTIONS[1], SYSTEM + QUESTIONS[0] + [99, 98], SYSTEM,
+           SYSTEM + QUESTIONS[2]]
+
+
+def tokens(outs):
+    return [[o.token_ids for o in r.outputs] for r in outs]
+
+
+def cold(folder, prompts, params):
+    """Each prompt alone in a fresh LLM with the prefix cache off."""
+    return [tokens(LLM(folder, enable_prefix_caching=False).generate(prompt_token_ids=[p], sampling_params=params))[0]
+            for p in prompts]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefixes_in_one_call_and_the_next_equal_cold(hf_models, family):
+    folder = str(hf_models[family][1])
+    p = SamplingParams(n=3, max_tokens=12, temperature=1.0, top_p=0.9, seed=4, ignore_eos=True)
+    llm = LLM(folder)
+    first = llm.generate(prompt_token_ids=PROMPTS, sampling_params=p)
+    assert tokens(first) == cold(folder, PROMPTS, p)
+    again = llm.generate(prompt_token_ids=PROMPTS[::-1], sampling_params=p)  # a later call: all cached
+    assert tokens(again) == tokens(first)[::-1]
+    assert [r.num_cached_tokens for r in again] == [len(q) for q in PROMPTS[::-1]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_equals_unchunked(hf_models, family):
+    folder = str(hf_models[family][1])
+    p = SamplingParams(n=2, max_tokens=10, temperature=0.8, seed=2, ignore_eos=True)
+    chunked = LLM(folder, prefill_chunk_tokens=5).generate(prompt_token_ids=PROMPTS, sampling_params=p)
+    whole = LLM(folder, enable_prefix_caching=False).generate(prompt_token_ids=PROMPTS, sampling_params=p)
+    assert tokens(chunked) == tokens(whole)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_continuation_reuses_prompt_and_sample(hf_models, family):
+    """A chat turn that resends the conversation: prompt + one generated sample + new text."""
+    folder = str(hf_models[family][1])
+    llm = LLM(folder)
+    turn1 = llm.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=SamplingParams(
+        n=4, max_tokens=9, temperature=1.0, seed=8, ignore_eos=True))[0]
+    reply = turn1.outputs[2].token_ids
+    conversation = PROMPTS[0] + reply + [50, 51, 52]
+    p = SamplingParams(n=2, max_tokens=8, temperature=1.0, seed=3, ignore_eos=True)
+    warm = llm.generate(prompt_token_ids=[conversation], sampling_params=p)[0]
+    assert warm.num_cached_tokens == len(PROMPTS[0]) + len(reply) - 1  # the last drawn token has no K/V yet
+    assert tokens([warm]) == cold(folder, [conversation], p)
+
+
+def test_levels_are_read_once_per_step(hf_models):
+    """Two questions under one system prompt, n=2 each: the decode plan reads the system prompt once
+    for 4 rows and each question once for its 2 rows (3 levels above the samples)."""
+    llm = LLM(str(hf_models["llama_gqa"][1]))
+    engine = llm.make_engine(CacheShape(4, 8, 4, 64, 8))
+    p = SamplingParams(n=2, max_tokens=8, temperature=1.0, seed=1, ignore_eos=True)
+    engine.add_request("a", SYSTEM + QUESTIONS[0], p)
+    engine.step()
+    engine.add_request("b", SYSTEM + QUESTIONS[1], p)
+    engine.add_request("c", SYSTEM + QUESTIONS[1] + [7], p)
+    engine.step()  # "c" waits while "b"'s question is being prefilled, then reuses it
+    assert engine.num_waiting == 1
+    engine.step()
+    plan = engine.scheduler.schedule()[0].decode
+    passes = sorted((lv.length, lv.num_rows) for lv in plan.levels)
+    assert passes == [(1, 2), (7, 2), (16, 4), (23, 6)]
+    assert plan.num_rows == 6
+    assert engine.scheduler.running["b"].num_cached_tokens == len(SYSTEM)
+    assert engine.scheduler.running["c"].num_cached_tokens == len(SYSTEM) + 16
+
+
+def test_separate_n1_requests_decode_like_one_request_with_n(hf_models):
+    folder = str(hf_models["llama_gqa"][1])
+    llm = LLM(folder)
+    engine = llm.make_engine(CacheShape(16, 16, 1, 64, 6))
+    for i in range(16):
+        engine.add_request(str(i), PROMPTS[1], SamplingParams(max_tokens=6, temperature=1.0, seed=i, ignore_eos=True))
+    engine.step()  # the first prefills; the others wait for its prefix rather than computing it again
+    assert engine.num_running == 1 and engine.storage.segment_tokens == len(PROMPTS[1])
+    engine.step()
+    plan = engine.scheduler.schedule()[0].decode
+    assert [(lv.length, lv.num_rows) for lv in plan.levels] == [(len(PROMPTS[1]), 16)]
+    while engine.has_unfinished():
+        engine.step()
+    together = [engine.pop_output(str(i)).outputs[0].token_ids for i in range(16)]
+    alone = [tokens(LLM(folder, enable_prefix_caching=False).generate(prompt_token_ids=[PROMPTS[1]], sampling_params=
+             SamplingParams(max_tokens=6, temperature=1.0, seed=i, ignore_eos=True)))[0][0] for i in range(16)]
+    assert together == alone
+
+
+def test_eviction_under_a_tiny_budget_never_changes_results(hf_models):
+    folder = str(hf_models["llama_gqa"][1])
+    llm = LLM(folder)
+    per_token = bytes_per_token(llm.config, llm.dtype)
+    p = SamplingParams(n=2, max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)
+    pool = 2 * 6 * per_token
+    small = LLM(folder, kv_cache_memory=(pool + 45 * per_token) / 2**30)  # room for one prompt and a little
+    outs = [tokens(small.generate(prompt_token_ids=[q], sampling_params=p))[0] for q in PROMPTS + PROMPTS]
+    assert outs == cold(folder, PROMPTS + PROMPTS, p)
+    engine = small._engine
+    assert engine.prefix_cache.evictions > 0
+    assert engine.storage.segment_tokens <= engine.storage.budget_tokens
+    with pytest.raises(CapacityError):
+        small.generate(prompt_token_ids=[list(range(1, 60))], sampling_params=p)
+    assert small.generate(prompt_token_ids=[PROMPTS[0]], sampling_params=p)[0].finished  # still serving
+
+
+def test_no_leak_after_1000_requests_with_random_prefixes(hf_models):
+    llm = LLM(str(hf_models["llama_mha"][1]), kv_cache_memory=0.0005)
+    engine = llm.make_engine(CacheShape(8, 12, 3, 40, 4))
+    rng = random.Random(0)
+    stems = [[rng.randrange(5, 200) for _ in range(rng.randrange(1, 20))] for _ in range(12)]
+    done = 0
+    for wave in range(50):
+        for i in range(20):
+            prompt = list(rng.choice(stems)) + [rng.randrange(5, 200) for _ in range(rng.randrange(0, 12))]
+            p = SamplingParams(n=rng.randrange(1, 4), max_tokens=rng.randrange(1, 5), temperature=1.0, seed=i)
+            engine.add_request(f"{wave}-{i}", prompt[:40], p)
+        if wave % 7 == 3:
+            engine.step()
+            engine.abort(f"{wave}-0")  # aborted mid-way
+        while engine.has_unfinished():
+            engine.step()
+        for i in range(20):
+            done += engine.pop_output(f"{wave}-{i}") is not None
+    assert done >= 1000 - 8
+    cache, storage = engine.prefix_cache, engine.storage
+    assert cache.total_refs() == 0 and storage.rows_in_use == 0
+    assert storage.segment_tokens == cache.cached_tokens()  # every segment is a cached node, nothing else
+    assert cache.hit_tokens > 0
+    cache.clear()
+    assert storage.segment_tokens == 0 and not cache.nodes()
