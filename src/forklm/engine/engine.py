@@ -177,47 +177,54 @@ class Engine:
         plan, admitted = sch.schedule()
         for req in admitted:
             self._on_admit(req)
-        S = self.shape.max_samples
-        producing = torch.zeros(S, dtype=torch.bool, device=self.device)  # [S] rows sampled this step
-        logits = torch.zeros(S, self.vocab_size, device=self.device)  # [S, V]
+        dec_logits, dec_rows = None, []
         if plan.decode is not None:
             d = plan.decode
-            live = [r for r in d.pool_rows.tolist() if sch.live[r]]
-            logits[d.pool_rows] = self.runner.decode(d, self.storage.pool, self._next_tokens[d.pool_rows])
+            dec_rows = [r for r in d.pool_rows.tolist() if sch.live[r]]
+            dec_logits = self.runner.decode(d, self.storage.pool, self._next_tokens[d.pool_rows])  # [B, V]
             sch.advance(d)
-            producing[live] = True
         for chunk in plan.prefills:
             req = sch.running[chunk.request_id]
             sch.chunk_done(req, chunk, self.runner.prefill(chunk))
         ready = [r for r in sch.running.values() if r.state == PREFILL and r.first_logits is not None]
-        for req in ready:
-            logits[req.rows] = req.first_logits  # [V] broadcast to the request's n rows
-            producing[req.rows] = True
-            if req.params.prompt_logprobs is not None:
-                req.prompt_logprobs = self.output.prompt_logprobs(
-                    torch.cat(req.prompt_logits), req.prompt_ids, req.params.prompt_logprobs)
-                req.prompt_logits = []
-            sch.start_decoding(req)
-        if not bool(producing.any()):
+        rows_out = dec_rows + [row for r in ready for row in r.rows]
+        if not rows_out:
             if not plan.prefills and not sch.running and sch.waiting:  # nothing runs, nothing can start
                 req = sch.waiting.popleft()
                 raise CapacityError(f"request {req.request_id!r} cannot be admitted: {len(req.prompt_ids)} prompt "
                                     f"tokens and n={req.params.num_sequences} exceed what the KV budget holds "
                                     f"({self.storage.free_tokens} free tokens, {self.storage.free_rows} free rows)")
             return []
-        if self._tensors is None:
-            self._tensors = SamplingTensors.build(self._row_specs, self.vocab_size, self.device)
+        # Sampling runs over pool rows 0..R-1 only (live rows are packed at the front), so its cost follows
+        # the load; compiled, over every row (static shapes).
+        R = self.shape.max_samples if self._compile else max(rows_out) + 1
+        producing = torch.zeros(R, dtype=torch.bool, device=self.device)  # [R] rows sampled this step
+        producing[rows_out] = True
+        logits = torch.zeros(R, self.vocab_size, device=self.device)  # [R, V]
+        if dec_logits is not None:
+            keep = plan.decode.pool_rows < R  # [B] (compiled: every row)
+            logits[plan.decode.pool_rows[keep]] = dec_logits[keep]
+        for req in ready:
+            logits[req.rows] = req.first_logits  # [V] broadcast to the request's n rows
+            if req.params.prompt_logprobs is not None:
+                req.prompt_logprobs = self.output.prompt_logprobs(
+                    torch.cat(req.prompt_logits), req.prompt_ids, req.params.prompt_logprobs)
+                req.prompt_logits = []
+            sch.start_decoding(req)
+        if self._tensors is None or self._tensors.num_rows != R:
+            self._tensors = SamplingTensors.build(self._row_specs[:R], self.vocab_size, self.device)
+        history = self._history if self._compile else self._history.head(R)
         beams = [r for r in sch.running.values() if r.beam is not None and not r.beam_done and r.state == DECODE]
         for req in beams:  # beam search scores log-probabilities (then processors), as transformers does
             rows = self._rows(req)
             logits[rows] = torch.log_softmax(logits[rows], dim=-1)
-        processed = process_logits(logits, self._tensors, self._history)
-        result = self._sample(processed, self._tensors, self._history)
-        tokens = torch.where(producing, result.tokens, self._next_tokens)  # [S]
+        processed = process_logits(logits, self._tensors, history)
+        result = self._sample(processed, self._tensors, history)
+        tokens = torch.where(producing, result.tokens, self._next_tokens[:R])  # [R]
         if beams:
             self._beam_step(beams, processed, tokens)
-        self._history.append(tokens, producing)
-        self._next_tokens = tokens
+        history.append(tokens, producing)
+        self._next_tokens[:R] = tokens
         return self._bookkeep(producing, tokens, result)
 
     def _rows(self, req: Request) -> Tensor:
@@ -246,7 +253,9 @@ class Engine:
         moved = (source != torch.arange(S, device=self.device)).nonzero().flatten()  # [M]
         if moved.numel():
             self.storage.pool.reorder(moved, source[moved])  # only the samples' own K/V move; the prompt stays
-            self._history.index_select(source)
+            full = torch.arange(self.shape.max_samples, device=self.device)  # [S_pool]
+            full[:S] = source
+            self._history.index_select(full)
 
     # ---- per-sample bookkeeping (Python, once per produced token) ---------------------------------
     def _bookkeep(self, producing: Tensor, tokens: Tensor, result) -> list[SampleDelta]:

@@ -320,6 +320,15 @@ class TokenHistory:
             self._seen = hits.scatter_add_(1, self.tokens, present) > 0
         return self._seen
 
+    def head(self, rows: int) -> TokenHistory:
+        """The first `rows` rows as a history sharing this one's storage: appending to it appends
+        here. Its counts / seen are rebuilt from the tokens when read (this history's are not kept)."""
+        view = TokenHistory.__new__(TokenHistory)
+        view.vocab_size = self.vocab_size
+        view.tokens, view.prompt_len, view.length = self.tokens[:rows], self.prompt_len[:rows], self.length[:rows]
+        view._counts = view._seen = None
+        return view
+
     def reset_row(self, row: int, prompt_ids: list[int]) -> None:
         """Give slot `row` a new prompt and no generated tokens (the engine reuses slots)."""
         n = len(prompt_ids)
