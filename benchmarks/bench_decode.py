@@ -32,7 +32,8 @@ from forklm import LLM, SamplingParams
 from forklm.api import DTYPES, available_memory_bytes
 from forklm.config import ModelConfig
 from forklm.cpu_linear import PACK_ROWS_HINT, packed_linear_op, packing_available
-from forklm.kv_cache import KV_LAYOUTS, CacheShape
+from forklm.kv import CacheShape
+from forklm.kv.storage import bytes_per_token
 
 MODES = ("bifurcated", "bifurcated-compiled", "replicated", "hf")
 GB = 1e9
@@ -203,8 +204,8 @@ def kv_bytes(mode: str, d: Dims, n: int, L: int, T: int, dtype: torch.dtype) -> 
     if mode == "hf":  # DynamicCache: every row holds prompt + generated, plus the prefill's MLP activations
         es = dtype.itemsize
         return d.kv_token_bytes(es) * n * (L + T) + 3 * n * L * d.I * es
-    layout = "replicated" if mode == "replicated" else "bifurcated"
-    return KV_LAYOUTS[layout].bytes_needed(d.fcfg, CacheShape(1, n, n, L, T), dtype)
+    per_token = bytes_per_token(d.fcfg, dtype)
+    return per_token * n * (L + T) if mode == "replicated" else per_token * (L + n * T)
 
 
 def max_n_fits(mode: str, d: Dims, L: int, T: int, dtype: torch.dtype, budget: float) -> int:
@@ -291,13 +292,14 @@ def bench_forklm(llm: LLM, compiled: bool, n: int, prompt: list[int], T: int, st
         times.append(time.perf_counter() - t)
     step = statistics.median(times)
     model_s = []
-    with torch.inference_mode():  # model-only: the (compiled) decode fn; rewrites the same cache slot
+    plan = engine.scheduler.schedule()[0].decode  # the next step's plan (nothing to admit: schedule is pure here)
+    with torch.inference_mode():  # model-only: the (compiled) decode; rewrites the same cache slot
         for _ in range(3):
             t = time.perf_counter()
-            engine._decode(engine._next_tokens)
+            engine.runner.decode(plan, engine.storage.pool, engine._next_tokens[plan.pool_rows])
             model_s.append(time.perf_counter() - t)
     out = {"ttft_s": ttft, "step_ms": 1e3 * step, "step_min_ms": 1e3 * min(times), "model_ms": 1e3 * statistics.median(model_s), "step_all_ms": [1e3 * x for x in times],
-           "kv_bytes": engine.cache.nbytes(), "t_decoded": 1 + len(warm) + steps / 2}
+           "kv_bytes": engine.storage.nbytes(), "t_decoded": 1 + len(warm) + steps / 2}
     if compiled:
         out["compile_s"] = warm[0] - step
     return out
@@ -337,7 +339,8 @@ def profile_step(folder: str, dtype_name: str, n: int, prompt: list[int], T: int
     from contextlib import ExitStack
     from unittest import mock
 
-    import forklm.engine as fe
+    import forklm.engine.engine as fe
+    from forklm.attention.cascade import DecodeAttention
     from torch.profiler import ProfilerActivity, profile, record_function
 
     def labelled(fn, label):
@@ -352,7 +355,7 @@ def profile_step(folder: str, dtype_name: str, n: int, prompt: list[int], T: int
     for _ in range(3):
         engine.step()
     with ExitStack() as stack:
-        for obj, name, label in ((engine, "_decode", "model"), (engine.cache, "attend", "attention"),
+        for obj, name, label in ((engine.runner, "decode", "model"), (DecodeAttention, "attend", "attention"),
                                  (engine, "_bookkeep", "bookkeeping"), (fe, "process_logits", "sampling"),
                                  (engine, "_sample", "sampling")):
             stack.enter_context(mock.patch.object(obj, name, labelled(getattr(obj, name), label)))
@@ -364,7 +367,7 @@ def profile_step(folder: str, dtype_name: str, n: int, prompt: list[int], T: int
     ms = lambda key, attr="cpu_time_total": getattr(ev[key], attr) / 1e3 / steps if key in ev else 0.0  # noqa: E731
     # F.linear's GEMMs, and oneDNN's for the float32 linears forklm packs (cpu_linear.py)
     linears = sum(ms(k, "self_cpu_time_total") for k in ("aten::mm", "aten::addmm", "mkldnn::_linear_pointwise"))
-    parts = {"step": ms("step"), "linears (aten::mm/addmm, mkldnn linear)": linears, "attention (cache.attend)": ms("attention"),
+    parts = {"step": ms("step"), "linears (aten::mm/addmm, mkldnn linear)": linears, "attention (DecodeAttention.attend)": ms("attention"),
              "rest of model (norms, rope, silu, residual, embedding)": ms("model") - linears - ms("attention"),
              "sampling (process_logits + sample)": ms("sampling"), "bookkeeping (Python per token)": ms("bookkeeping")}
     parts["rest of step (logits buffer, history, where)"] = parts["step"] - sum(list(parts.values())[1:])
