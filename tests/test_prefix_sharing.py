@@ -81,6 +81,9 @@ def test_levels_are_read_once_per_step(hf_models):
     plan = engine.scheduler.schedule()[0].decode
     passes = sorted((lv.length, lv.num_rows) for lv in plan.levels)
     assert passes == [(1, 2), (7, 2), (16, 4), (23, 6)]
+    # one batched call per depth: the system prompt; both questions (disjoint rows); "c"'s last token
+    assert [sorted((lp.length, lp.num_rows) for lp in g.passes) for g in plan.groups] == \
+        [[(23, 6)], [(7, 2), (16, 4)], [(1, 2)]]
     assert plan.num_rows == 6
     assert engine.scheduler.running["b"].num_cached_tokens == len(SYSTEM)
     assert engine.scheduler.running["c"].num_cached_tokens == len(SYSTEM) + 16
@@ -147,3 +150,22 @@ def test_no_leak_after_1000_requests_with_random_prefixes(hf_models):
     assert cache.hit_tokens > 0
     cache.clear()
     assert storage.segment_tokens == 0 and not cache.nodes()
+
+
+def test_a_short_prompt_is_not_held_behind_a_long_prefill(hf_models):
+    """Chunked prefill, 8 tokens a step: a 3-token prompt sent while a 60-token prompt prefills gets
+    its first token in the next step (shortest rest first), and both give the cold tokens."""
+    folder = str(hf_models["llama_gqa"][1])
+    long_prompt, short_prompt = [(5 * i + 1) % 200 + 3 for i in range(60)], [21, 22, 23]
+    p = SamplingParams(n=2, max_tokens=3, temperature=1.0, seed=4, ignore_eos=True)
+    engine = LLM(folder, prefill_chunk_tokens=8).make_engine(CacheShape(2, 4, 2, 64, 3))
+    engine.add_request("long", long_prompt, p)
+    engine.step()
+    engine.add_request("short", short_prompt, p)
+    firsts = {d.request_id for d in engine.step()}
+    assert firsts == {"short"}
+    assert engine.scheduler.running["long"].prefilled == 8 + 5  # the rest of the step's budget
+    while engine.has_unfinished():
+        engine.step()
+    got = [[o.token_ids for o in engine.pop_output(r).outputs] for r in ("long", "short")]
+    assert got == cold(folder, [long_prompt, short_prompt], p)

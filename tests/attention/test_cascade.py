@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from forklm.attention.cascade import DecodeAttention, PrefillAttention
-from forklm.kv.plan import DecodePlan, LevelPass, PrefillChunk
+from forklm.kv.plan import DecodePlan, LevelGroup, LevelPass, PrefillChunk
 from forklm.kv.storage import Segment
 
 HEADS = [(4, 4), (8, 2), (6, 1)]  # MHA, GQA, MQA
@@ -52,8 +52,9 @@ def test_decode_levels_match_sdpa_over_concatenated_cache(depth, heads, dtype, d
     R = pool_rows[-1] + 1
     pool = _Pool(R, hkv, T, d, dtype)
     groups_per_level = [1, 2, 3, 7][:depth]
-    levels, paths = [], [[] for _ in range(B)]
+    levels, paths, by_depth = [], [[] for _ in range(B)], []
     for lvl, ngroups in enumerate(groups_per_level):
+        by_depth.append([])
         bounds = torch.linspace(0, B, ngroups + 1).round().long().tolist()
         for gi in range(ngroups):
             lo, hi = bounds[gi], bounds[gi + 1]
@@ -63,13 +64,15 @@ def test_decode_levels_match_sdpa_over_concatenated_cache(depth, heads, dtype, d
             seg = _segment(hkv, length, d, dtype)
             rows = slice(lo, hi) if (lvl + gi) % 2 == 0 else torch.arange(lo, hi)
             levels.append(LevelPass(seg, length, rows, hi - lo))
+            by_depth[-1].append(levels[-1])
             for b in range(lo, hi):
                 paths[b].append(seg)
     dec = [3, 0, 5, 1, 7, 2, 4]  # tokens already in each row before this step
     write = torch.tensor(dec)
     pool_len = torch.zeros(R, dtype=torch.long)
     pool_len[pool_rows] = write + 1
-    plan = DecodePlan(torch.tensor(pool_rows), write, write, pool_len, int(pool_len.max()), dense, levels)
+    plan = DecodePlan(torch.tensor(pool_rows), write, write, pool_len, int(pool_len.max()), dense, levels,
+                      [LevelGroup.of(passes, B, "cpu") for passes in by_depth])  # depths 1-3: ragged groups
     q, k, v = (torch.randn(B, x, 1, d).to(dtype) for x in (h, hkv, hkv))
     out = DecodeAttention(pool, plan).attend(0, q, k, v)  # [B, H, 1, D]
     assert out.shape == (B, h, 1, d) and out.dtype == dtype

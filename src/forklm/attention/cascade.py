@@ -1,8 +1,8 @@
 """Attention backends bound to a step plan: the objects the model's layers call `attend` on.
 
 Decode (`DecodeAttention`): the current token's K/V is written to each row's pool slot, then one
-LSE-returning pass per level (the sample level over the pool rows, then every shared segment of the
-plan over exactly the rows below it) folded by the exact merge. Cost follows the live rows and the
+LSE-returning pass per level (the sample level over the pool rows, then the plan's shared segments
+over exactly the rows below them, one batched call per depth of the tree) folded by the exact merge. Cost follows the live rows and the
 real lengths: the pool is read up to the longest live row and the highest live row, a segment up to
 its valid length, and no level is padded to a fixed number of samples.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kv.plan import DecodePlan, PrefillChunk
+from ..kv.plan import DecodePlan, LevelGroup, PrefillChunk
 from ..kv.storage import SamplePool, write_at
 from .ops import attention_with_lse, causal_attention, causal_attention_with_lse, merge_with_lse
 
@@ -33,11 +33,37 @@ def _level_pass(q: Tensor, k: Tensor, v: Tensor, length: Tensor, scale: float) -
     return out, lse
 
 
+def _group_pass(qz: Tensor, group: LevelGroup, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """P segments k/v [P, Hkv, W, D] (first group.lengths[p] valid), each against its own rows'
+    queries, in one kernel call. qz [B + 1, H, D]: the batch's queries and a zero row (padding).
+    Returns [U, H, D], [U, H] for group.rows."""
+    p, m = group.query_index.shape
+    h, d = qz.shape[1:]
+    hkv = k.shape[1]
+    g = h // hkv
+    qs = qz[group.query_index]  # [P, M, H, D]
+    qs = qs.reshape(p, m, hkv, g, d).permute(0, 2, 1, 3, 4).reshape(p, hkv, m * g, d)  # [P, Hkv, M*G, D]
+    out, lse = attention_with_lse(qs, k, v, group.lengths, scale)  # [P, Hkv, M*G, D], [P, Hkv, M*G]
+    out = out.reshape(p, hkv, m, g, d).permute(0, 2, 1, 3, 4).reshape(p * m, h, d)  # [P*M, H, D]
+    lse = lse.reshape(p, hkv, m, g).permute(0, 2, 1, 3).reshape(p * m, h)  # [P*M, H]
+    return out[group.out_index], lse[group.out_index]  # [U, H, D], [U, H]
+
+
 class DecodeAttention:
     def __init__(self, pool: SamplePool, plan: DecodePlan):
         self.pool, self.plan = pool, plan
-        device = plan.pool_rows.device
-        self._lengths = [torch.tensor([lv.length], dtype=torch.long, device=device) for lv in plan.levels]  # [1] each
+        self._stacks: dict[int, Tensor] = {}  # group -> [2, P, Hkv, W, D] zeros, refilled per layer
+
+    def _stack(self, i: int, group: LevelGroup, layer: int) -> tuple[Tensor, Tensor]:
+        """The group's segments side by side for `layer`: [P, Hkv, W, D] each for K and V (slots past a
+        segment's length stay zero, and are masked)."""
+        first = group.passes[0].segment.kv  # [layers, 2, Hkv, cap, D]
+        buf = self._stacks.get(i)
+        if buf is None:
+            buf = self._stacks[i] = first.new_zeros(2, len(group.passes), first.shape[2], group.width, first.shape[4])
+        for j, lp in enumerate(group.passes):
+            buf[:, j, :, : lp.length] = lp.segment.kv[layer, :, :, : lp.length]  # [2, Hkv, n, D]
+        return buf[0], buf[1]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q [B, H, 1, D]; k, v [B, Hkv, 1, D]
@@ -60,15 +86,22 @@ class DecodeAttention:
         out, lse = out.reshape(r, h, d), lse.reshape(r, h)  # [R, H, D], [R, H]
         if not plan.dense:
             out, lse = out[plan.pool_rows], lse[plan.pool_rows]  # [B, H, D], [B, H]
-        for lv, length in zip(plan.levels, self._lengths):
-            seg = lv.segment
-            o, l = _level_pass(q[lv.rows], seg.k(layer)[:, : lv.length], seg.v(layer)[:, : lv.length], length, scale)
-            o, l = merge_with_lse(out[lv.rows], lse[lv.rows], o, l)  # [R, H, D], [R, H]
-            if isinstance(lv.rows, slice):
-                out[lv.rows], lse[lv.rows] = o, l
+        qz = None
+        for i, group in enumerate(plan.groups):
+            if group.query_index is None:  # one segment: read in place
+                seg = group.passes[0].segment
+                n = group.width
+                o, l = _level_pass(q[group.rows], seg.k(layer)[:, :n], seg.v(layer)[:, :n], group.lengths, scale)
             else:
-                out.index_copy_(0, lv.rows, o)
-                lse.index_copy_(0, lv.rows, l)
+                if qz is None:
+                    qz = torch.cat([q, q.new_zeros(1, h, d)])  # [B + 1, H, D]: row B pads
+                o, l = _group_pass(qz, group, *self._stack(i, group, layer), scale)
+            o, l = merge_with_lse(out[group.rows], lse[group.rows], o, l)  # [U, H, D], [U, H]
+            if isinstance(group.rows, slice):
+                out[group.rows], lse[group.rows] = o, l
+            else:
+                out.index_copy_(0, group.rows, o)
+                lse.index_copy_(0, group.rows, l)
         return out.unsqueeze(2)  # [B, H, 1, D]
 
 

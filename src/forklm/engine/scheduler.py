@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..kv.plan import DecodePlan, LevelPass, PrefillChunk, StepPlan
+from ..kv.plan import DecodePlan, LevelGroup, LevelPass, PrefillChunk, StepPlan
 from ..kv.prefix_cache import Node, PrefixCache, store_logits
 from ..kv.storage import CacheShape, KVStorage, Segment
 from ..sampling import BeamSearchState, SamplingParams
@@ -133,9 +133,6 @@ class Scheduler:
         """This step's plan, and the requests admitted in it. Admission comes first: matching a prompt
         may split a cached node, which replaces its segment, and every plan reads segments."""
         budget = self.chunk_tokens if self.chunk_tokens is not None else 1 << 62
-        for req in self.running.values():
-            if req.state == PREFILL:
-                budget -= self._next_chunk_size(req, budget)
         admitted = []
         for req in list(self.waiting):
             if budget <= 0:
@@ -150,9 +147,11 @@ class Scheduler:
             budget -= self._next_chunk_size(req, budget)
         budget = self.chunk_tokens if self.chunk_tokens is not None else 1 << 62
         prefills: list[PrefillChunk] = []
-        for req in list(self.running.values()):
-            if req.state == PREFILL and budget > 0:
-                budget -= self._chunk(req, budget, prefills)
+        prefilling = [r for r in self.running.values() if r.state == PREFILL]
+        for req in sorted(prefilling, key=lambda r: len(r.prompt_ids) - r.prefilled):  # shortest rest first
+            if budget <= 0:
+                break
+            budget -= self._chunk(req, budget, prefills)
         return StepPlan(self._decode_plan(), prefills), admitted
 
     def _next_chunk_size(self, req: Request, budget: int) -> int:
@@ -232,20 +231,26 @@ class Scheduler:
                 pool_len[r] = w + 1
         levels = []
         if not self.replicated:
-            users: dict[int, tuple[Node, list[int]]] = {}
+            users: dict[int, tuple[Node, int, list[int]]] = {}  # node -> (node, depth, batch rows)
             for req in reqs:
                 idx = [index[row] for row in req.rows if self.live[row]]
                 if not idx:
                     continue
-                for node in req.node.path():
-                    users.setdefault(id(node), (node, []))[1].extend(idx)
-            for node, idx in users.values():
+                for depth, node in enumerate(req.node.path()):
+                    users.setdefault(id(node), (node, depth, []))[2].extend(idx)
+            by_depth: dict[int, list[LevelPass]] = {}
+            for node, depth, idx in users.values():
                 idx.sort()
                 rows_sel = slice(idx[0], idx[-1] + 1) if idx[-1] - idx[0] + 1 == len(idx) else \
                     torch.tensor(idx, dtype=torch.long, device=device)
                 levels.append(LevelPass(node.segment, len(node.tokens), rows_sel, len(idx)))
+                by_depth.setdefault(depth, []).append(levels[-1])
+            groups = [LevelGroup.of(passes, len(batch), device) for _, passes in sorted(by_depth.items())]
+        else:
+            groups = []
         t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        return DecodePlan(t(batch), t(positions), t(write), t(pool_len), max(pool_len), batch == list(range(R)), levels)
+        return DecodePlan(t(batch), t(positions), t(write), t(pool_len), max(pool_len), batch == list(range(R)),
+                          levels, groups)
 
     def advance(self, plan: DecodePlan) -> None:
         """After a decode step: every live row of the batch holds one more token."""

@@ -5,7 +5,10 @@ Decode: a batch of B sample rows (one query token each). Every row reads its own
 pool (the sample level) and every shared segment on its path (system prompt -> prompt -> ...), each
 segment once for all the rows below it: a `LevelPass` names the segment, how many of its tokens are
 valid, and the batch rows that attend to it (a slice when they are contiguous, which the scheduler
-arranges by handing out a request's rows together).
+arranges by handing out a request's rows together). The passes at one depth of the tree cover
+disjoint rows, so a `LevelGroup` runs them as one batched kernel call (each segment still read once)
+and folds the result into its rows with one merge: the cost of a level is one call per depth, not
+one per segment (4 system prompts x 8 questions: 2 calls per layer instead of 36).
 
 Prefill: chunks of prompt tokens, each attending to the cached levels above it and causally to
 itself; its K/V land in `own` at `own_offset`.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from .storage import Segment
@@ -29,6 +33,36 @@ class LevelPass:
 
 
 @dataclass
+class LevelGroup:
+    """Passes with disjoint rows (one depth of the tree), run as one batched call of P segments."""
+
+    passes: list[LevelPass]
+    rows: slice | Tensor  # every pass's rows, pass after pass: a slice, or an int64 index [U]
+    lengths: Tensor  # [P] int64: valid tokens of each segment
+    width: int  # the longest of them
+    query_index: Tensor | None  # [P, M] int64: batch row of each (pass, slot); B (a zero row) pads
+    out_index: Tensor | None  # [U] int64: where each of `rows` lands in the flat [P * M] output
+
+    @classmethod
+    def of(cls, passes: list[LevelPass], batch: int, device) -> "LevelGroup":
+        """The group of `passes` for a batch of `batch` rows (row `batch` is the padding query)."""
+        lengths = torch.tensor([lp.length for lp in passes], dtype=torch.long, device=device)  # [P]
+        width = max(lp.length for lp in passes)
+        if len(passes) == 1:  # one segment, read in place: no padding, no indices
+            return cls(passes, passes[0].rows, lengths, width, None, None)
+        idx = [_as_list(lp.rows) for lp in passes]
+        m = max(map(len, idx))
+        query = [i + [batch] * (m - len(i)) for i in idx]
+        out = [p * m + j for p, i in enumerate(idx) for j in range(len(i))]
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+        return cls(passes, t([r for i in idx for r in i]), lengths, width, t(query), t(out))
+
+
+def _as_list(rows: slice | Tensor) -> list[int]:
+    return list(range(rows.start, rows.stop)) if isinstance(rows, slice) else rows.tolist()
+
+
+@dataclass
 class DecodePlan:
     pool_rows: Tensor  # [B] int64: the pool row of each batch row, ascending
     positions: Tensor  # [B] int64: the position of each row's current token
@@ -36,7 +70,8 @@ class DecodePlan:
     pool_len: Tensor  # [R] int64: valid keys of pool rows 0..R-1 after the write (0: not in the batch)
     window: int  # slots of the pool rows read (the longest valid length)
     dense: bool  # the batch is exactly pool rows 0..R-1, in order (no scatter to the pool's order)
-    levels: list[LevelPass] = field(default_factory=list)
+    levels: list[LevelPass] = field(default_factory=list)  # every shared segment read this step
+    groups: list[LevelGroup] = field(default_factory=list)  # the same passes, batched by depth
 
     @property
     def num_rows(self) -> int:
