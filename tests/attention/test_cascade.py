@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from forklm.attention.cascade import DecodeAttention, PrefillAttention
+import forklm.attention.ops as ops
 from forklm.kv.plan import DecodePlan, LevelGroup, LevelPass, PrefillChunk
 from forklm.kv.storage import Segment
 
@@ -87,7 +88,10 @@ def test_decode_levels_match_sdpa_over_concatenated_cache(depth, heads, dtype, d
 @pytest.mark.parametrize("levels", [[], [17], [16, 1], [300, 15, 0]])
 @pytest.mark.parametrize("offset, c", [(0, 1), (0, 9), (5, 1), (16, 17)])
 @pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa", "mqa"])
-def test_prefill_chunk_matches_causal_sdpa_over_concatenation(levels, offset, c, heads):
+@pytest.mark.parametrize("flash", [True, False], ids=["cpu-flash", "reference"])
+def test_prefill_chunk_matches_causal_sdpa_over_concatenation(levels, offset, c, heads, flash, monkeypatch):
+    if not flash:
+        monkeypatch.setattr(ops, "_HAS_CPU_FLASH", False)
     torch.manual_seed(offset + c)
     h, hkv = heads
     d = 16

@@ -248,23 +248,29 @@ def causal_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, q_offset: int, sc
     causally (query i sees keys j <= q_offset + i), returning the LSE for merging with other levels.
 
     q: [1, H, c, D]; k, v: [1, Hkv, Lk, D] with Lk >= q_offset + c. Returns out [1, H, c, D] in
-    q.dtype and lse [1, H, c] float32. The G query heads of a kv head become G * c rows of one
-    kernel call (no repeat of K/V).
+    q.dtype and lse [1, H, c] float32. Two parts merged exactly: the keys before the chunk, seen
+    by every query (no mask: the G query heads of a kv head are G * c rows of one kernel call), and
+    the chunk's own keys, causally (the kernel's causal mode skips the masked half; no [c, Lk] mask).
     """
     _, h, c, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     g = h // hkv
-    qg = q.reshape(1, hkv, g * c, d)  # [1, Hkv, G*c, D]: row g*c + i is head (kv, g), token i
-    pos = q_offset + torch.arange(c, device=q.device).repeat(g)  # [G*c] position of each row
-    keep = torch.arange(lk, device=q.device)[None, :] <= pos[:, None]  # [G*c, Lk]
-    keep = keep[None, None]  # [1, 1, G*c, Lk]
-    if q.device.type == "cpu" and _HAS_CPU_FLASH and lk > 0 and c > 0:
-        mask = _additive_mask(keep, q.dtype, -math.inf)  # [1, 1, G*c, Lk]
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qg, k, v, attn_mask=mask, scale=scale)
-        lse = lse.float()
+    ks, vs = k[:, :, q_offset : q_offset + c], v[:, :, q_offset : q_offset + c]  # [1, Hkv, c, D]
+    if q.device.type == "cpu" and _HAS_CPU_FLASH and c > 0:
+        ks, vs = ks.repeat_interleave(g, dim=1), vs.repeat_interleave(g, dim=1)  # [1, H, c, D]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, ks, vs, is_causal=True, scale=scale)
+        lse = lse.float()  # [1, H, c]
     else:
-        out, lse = _masked_reference(qg, k, v, keep, scale)
-    return out.reshape(1, h, c, d), lse.reshape(1, h, c)  # [1, H, c, D], [1, H, c]
+        keep = torch.arange(c, device=q.device)[None, :] <= torch.arange(c, device=q.device)[:, None]  # [c, c]
+        qg = q.reshape(1, hkv, g * c, d)  # [1, Hkv, G*c, D]: row g*c + i is head (kv, g), token i
+        out, lse = _masked_reference(qg, ks, vs, keep.repeat(g, 1)[None, None], scale)
+        out, lse = out.reshape(1, h, c, d), lse.reshape(1, h, c)  # [1, H, c, D], [1, H, c]
+    if q_offset == 0:
+        return out, lse
+    qg = q.reshape(1, hkv, g * c, d)  # [1, Hkv, G*c, D]
+    length = torch.tensor([q_offset], dtype=torch.long, device=q.device)  # [1]
+    o, l = attention_with_lse(qg, k[:, :, :q_offset], v[:, :, :q_offset], length, scale)  # [1, Hkv, G*c, D], [1, Hkv, G*c]
+    return merge_with_lse(out, lse, o.reshape(1, h, c, d), l.reshape(1, h, c))
 
 
 def _masked_reference(q: Tensor, k: Tensor, v: Tensor, keep: Tensor, scale: float) -> tuple[Tensor, Tensor]:
