@@ -39,3 +39,7 @@ class CapacityError(ForklmError):
     def __init__(self, message: str, max_n: int | None = None):
         self.max_n = max_n
         super().__init__(message)
+
+
+class ServeError(ForklmError):
+    """The HTTP server could not start (an address in use, a port refused)."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 HELP = "serve an OpenAI-compatible HTTP API (default model: the embedded SmolLM2-135M-Instruct)"
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import LLM
     from ..default_model import DEFAULT_MODEL_NAME
-    from ..errors import InvalidParameterError
+    from ..errors import InvalidParameterError, ServeError
     from ..kv.storage import CacheShape
     from ..server import EngineRunner, Metrics, ServerContext, build_app
 
@@ -92,12 +94,32 @@ def run(args: argparse.Namespace) -> int:
         f"prefix caching {'off' if args.no_prefix_caching else 'on'}{', API key required' if args.api_key else ''})\n"
     )
     sys.stderr.flush()
-    uvicorn.run(
+    server = uvicorn.Server(uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level="info" if getattr(args, "verbose", False) else "warning",
         access_log=bool(getattr(args, "verbose", False)),
         timeout_graceful_shutdown=3,
-    )
+    ))
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        finally:  # stopped, or never started (a port in use): the engine loop ends too
+            runner.stop()
+
+    # The engine loop on the main thread, HTTP beside it (see EngineRunner.run). Signals reach the
+    # main thread: SIGINT and SIGTERM end the loop (its waiters are told), then the HTTP server.
+    web = threading.Thread(target=serve_http, name="forklm-http", daemon=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        runner.run(on_ready=web.start)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        web.join(10)
+    if not server.started:
+        raise ServeError(f"the HTTP server could not start on {args.host}:{args.port} (see the log above)")
     return 0

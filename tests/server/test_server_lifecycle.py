@@ -1,0 +1,56 @@
+"""The serving process: engine loop on the main thread, HTTP beside it; SIGTERM mid-stream and a
+port already in use end it cleanly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import httpx
+from server_fixtures import ServerProcess, make_tiny_model
+
+
+def test_sigterm_mid_stream_ends_the_stream_and_the_process(tmp_path):
+    srv = ServerProcess(make_tiny_model(tmp_path / "m"), "--max-batch", "2", "--max-prompts", "1",
+                        "--max-prompt-len", "32", "--max-tokens", "200")
+    got: dict = {}
+
+    def stream():
+        body = {"prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        lines = []
+        try:
+            with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
+                got["status"] = r.status_code
+                for line in r.iter_lines():
+                    lines.append(line)
+                    if len(lines) == 3:
+                        srv.proc.terminate()
+        except httpx.HTTPError as e:  # the connection closed under the stream
+            got["error"] = type(e).__name__
+        got["lines"] = lines
+
+    models = httpx.get(srv.url + "/v1/models", timeout=10).json()["data"]
+    assert models
+    t = threading.Thread(target=stream)
+    t.start()
+    t.join(60)
+    assert srv.proc.wait(30) == 0
+    assert got["status"] == 200 and len(got["lines"]) >= 3
+    assert "Traceback" not in srv.output()
+    srv.stop()
+
+
+def test_a_port_in_use_exits_nonzero_with_one_line(tmp_path):
+    folder = make_tiny_model(tmp_path / "m")
+    srv = ServerProcess(folder, "--max-batch", "2", "--max-prompts", "1", "--max-prompt-len", "32")
+    try:
+        p = subprocess.run([sys.executable, "-m", "forklm", "serve", str(folder), "--host", "127.0.0.1", "--port",
+                            str(srv.port), "--max-batch", "2", "--max-prompts", "1", "--max-prompt-len", "32"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0
+        assert "Traceback" not in p.stderr
+        assert "forklm serve: error: the HTTP server could not start on 127.0.0.1:" in p.stderr
+        assert httpx.get(srv.url + "/health", timeout=10).status_code == 200  # the first one serves on
+    finally:
+        srv.stop()
