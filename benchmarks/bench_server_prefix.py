@@ -54,6 +54,7 @@ from pathlib import Path
 
 import httpx
 import report
+import sse
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -147,23 +148,19 @@ async def stream_request(client: httpx.AsyncClient, body: dict, t0: float) -> St
     s = Stream(sent_s=start - t0)
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
-                s.error = f"{r.status_code}: {(await r.aread()).decode()[:300]}"
-                return s
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk, now = json.loads(line[6:]), time.perf_counter() - start
-                if "error" in chunk:
-                    s.error = chunk["error"]["message"]
-                if usage := chunk.get("usage"):
-                    s.prompt_tokens, s.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
-                    s.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-                if any(c.get("text") for c in chunk.get("choices") or []):
-                    s.chunks += 1
-                    s.ttft_s = now if s.ttft_s is None else s.ttft_s
-                    s.last_token_s = now
+        async for chunk in sse.chunks(client, "/v1/completions", body):
+            now = time.perf_counter() - start
+            if "error" in chunk:
+                s.error = chunk["error"]["message"]
+            if usage := chunk.get("usage"):
+                s.prompt_tokens, s.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+                s.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            if any(c.get("text") for c in chunk.get("choices") or []):
+                s.chunks += 1
+                s.ttft_s = now if s.ttft_s is None else s.ttft_s
+                s.last_token_s = now
+    except sse.StreamRefused as error:
+        s.error = str(error)
     except httpx.HTTPError as error:
         s.error = f"{type(error).__name__}: {error}"
     s.e2e_s = time.perf_counter() - start

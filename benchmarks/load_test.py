@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import sse
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = [
@@ -56,31 +57,28 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> RequestResult:
     result = RequestResult(start=time.perf_counter())
     last: dict[int, float] = {}
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                result.error = f"{response.status_code}: {(await response.aread()).decode()[:200]}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+        async for chunk in sse.chunks(client, "/v1/completions", body):
+            if "error" in chunk:
+                result.error = chunk["error"]["message"]
+                continue
+            if chunk.get("usage"):
+                result.usage_tokens = chunk["usage"]["completion_tokens"]
+            now = time.perf_counter()
+            for choice in chunk["choices"]:
+                count = len((choice.get("logprobs") or {}).get("tokens") or []) or (1 if choice["text"] else 0)
+                if not count:
                     continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    result.error = chunk["error"]["message"]
-                    continue
-                if chunk.get("usage"):
-                    result.usage_tokens = chunk["usage"]["completion_tokens"]
-                now = time.perf_counter()
-                for choice in chunk["choices"]:
-                    count = len((choice.get("logprobs") or {}).get("tokens") or []) or (1 if choice["text"] else 0)
-                    if not count:
-                        continue
-                    result.tokens += count
-                    if result.ttft is None:
-                        result.ttft = now - result.start
-                    index = choice["index"]
-                    if index in last:
-                        result.itl.append(now - last[index])
-                    last[index] = now
+                result.tokens += count
+                if result.ttft is None:
+                    result.ttft = now - result.start
+                index = choice["index"]
+                if index in last:
+                    result.itl.append(now - last[index])
+                last[index] = now
+    except sse.StreamRefused as error:
+        result.error = str(error)[:200]
+        result.end = time.perf_counter()
+        return result
     except httpx.HTTPError as error:
         result.error = f"{type(error).__name__}: {error}"
     result.end = time.perf_counter()
