@@ -76,7 +76,7 @@ INVALID = [
     ("stop_token_ids", [-1]), ("stop_token_ids", ["3"]), ("stop_token_ids", 3), ("stop_token_ids", [True]),
     ("include_stop_str_in_output", 1),
     ("bad_words", [""]), ("bad_words", [3]),
-    ("logit_bias", {1: 101}), ("logit_bias", {1: -100.5}), ("logit_bias", {-1: 1.0}), ("logit_bias", {"x": 1.0}),
+    ("logit_bias", {1: 101}), ("logit_bias", {1: -100.5}), ("logit_bias", {-1: 1.0}), ("logit_bias", {"x": 1.0}), ("logit_bias", {"²": 1.0}), ("logit_bias", {"١": 1.0}),
     ("logit_bias", {1: math.nan}), ("logit_bias", {1: "1"}), ("logit_bias", [1, 2]), ("logit_bias", {1.5: 1.0}),
     ("seed", 1.5), ("seed", "7"), ("seed", True),
     ("logprobs", -1), ("logprobs", 21), ("logprobs", 1.0),

@@ -54,3 +54,11 @@ def test_a_port_in_use_exits_nonzero_with_one_line(tmp_path):
         assert httpx.get(srv.url + "/health", timeout=10).status_code == 200  # the first one serves on
     finally:
         srv.stop()
+
+
+def test_a_port_out_of_range_is_one_line(tmp_path):
+    for port in ("70000", "-1"):
+        p = subprocess.run([sys.executable, "-m", "forklm", "serve", str(tmp_path), "--port", port],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and "Traceback" not in p.stderr
+        assert p.stderr.strip() == f"forklm serve: error: --port: must be in [0, 65535], got {port}", p.stderr

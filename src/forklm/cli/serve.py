@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_batch", "max_prompts", "max_prompt_len", "max_tokens", "max_queue", "prefill_chunk_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InvalidParameterError("--" + name.replace("_", "-"), "must be >= 1")
+    if not 0 <= args.port <= 65535:
+        raise InvalidParameterError("--port", f"must be in [0, 65535], got {args.port}")
     if args.kv_cache_memory is not None and not args.kv_cache_memory > 0:
         raise InvalidParameterError("--kv-cache-memory", "must be > 0 (GiB)")
     if args.max_n is not None and args.max_n < 1:

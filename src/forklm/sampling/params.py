@@ -93,7 +93,7 @@ def _check_logit_bias(value: Any) -> dict[int, float]:
         raise InvalidParameterError(name, f"must be a mapping of token id to bias, got {type(value).__name__}")
     out: dict[int, float] = {}
     for key, bias in value.items():
-        if isinstance(key, str) and key.strip().isdigit():
+        if isinstance(key, str) and key.strip().isascii() and key.strip().isdigit():  # not "²": int() refuses it
             key = int(key)
         if not _is_int(key) or key < 0:
             raise InvalidParameterError(name, f"keys must be non-negative token ids, got {key!r}")
