@@ -37,6 +37,9 @@ def test_sigterm_mid_stream_ends_the_stream_and_the_process(tmp_path):
     t.join(60)
     assert srv.proc.wait(30) == 0
     assert got["status"] == 200 and len(got["lines"]) >= 3
+    data = [line for line in got["lines"] if line.startswith("data: ")]
+    assert data[-1] == "data: [DONE]", got  # ended cleanly, not cut mid-air
+    assert "engine_stopped" in data[-2], data[-2]  # the error event says why
     assert "Traceback" not in srv.output()
     srv.stop()
 
