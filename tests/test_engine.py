@@ -146,6 +146,27 @@ def test_errors_before_any_work(folder, hf_models):
         LLM(folder, dtype="float8")
 
 
+@pytest.mark.parametrize("bad, match", [
+    ({"prompt_token_ids": [1, 2, 3]}, "one prompt is"),  # a flat list instead of a list of lists
+    ({"prompt_token_ids": [[1, 2.0]]}, "holds 2.0"),
+    ({"prompt_token_ids": [[1, "2"]]}, "holds '2'"),
+    ({"prompt_token_ids": [[True]]}, "holds True"),
+    ({"prompt_token_ids": "1 2 3"}, "list of lists"),
+    ({"prompts": ["a", 3]}, "prompt 1 is a int"),
+    ({"prompts": ["a", None]}, "prompt 1 is a NoneType"),
+    ({"prompts": 3}, "a string or a list of strings"),
+])
+def test_prompts_of_the_wrong_type_are_typed_errors(folder, bad, match):
+    with pytest.raises(InvalidParameterError, match=match) as e:
+        LLM(folder).generate(**bad)
+    assert e.value.args and ("prompt_token_ids" if "prompt_token_ids" in bad else "prompts") in str(e.value)
+
+
+def test_max_tokens_beyond_the_context_is_a_context_error_not_a_memory_one(folder):
+    with pytest.raises(ContextLengthError, match="context length"):
+        LLM(folder).generate(prompt_token_ids=[[1, 2]], sampling_params=SamplingParams(max_tokens=10**9))
+
+
 def test_n_too_large_for_memory_names_the_largest_n_that_fits(folder):
     llm = LLM(folder, memory_fraction=1e-6)  # a budget of a few KB of the free RAM
     with pytest.raises(CapacityError, match=r"at most n=\d+ fits") as e:

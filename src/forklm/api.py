@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from collections.abc import Sequence
 
@@ -11,7 +12,7 @@ import torch
 from .checkpoint import load_checkpoint
 from .compile import bucket
 from .cpu_linear import pack_linears
-from .engine import Engine
+from .engine import Engine, check_context
 from .errors import CapacityError, InvalidParameterError, TokenizerError
 from .kv.storage import CacheShape, KVStorage, bytes_per_token
 from .outputs import RequestOutput
@@ -194,8 +195,12 @@ class LLM:
             raise InvalidParameterError("prompts", "give exactly one of prompts or prompt_token_ids")
         if isinstance(prompts, str):
             prompts = [prompts]
+        if prompts is not None:
+            _check_texts(prompts)
+        else:
+            _check_token_ids(prompt_token_ids)
         texts = list(prompts) if prompts is not None else [None] * len(prompt_token_ids)
-        ids = [self.encode(t) for t in prompts] if prompts is not None else [list(p) for p in prompt_token_ids]
+        ids = [self.encode(t) for t in prompts] if prompts is not None else [[int(t) for t in p] for p in prompt_token_ids]
         if not ids:
             return []
         params = sampling_params if sampling_params is not None else SamplingParams()
@@ -206,6 +211,8 @@ class LLM:
         for p in params:
             if not isinstance(p, SamplingParams):
                 raise InvalidParameterError("sampling_params", f"expected SamplingParams, got {type(p).__name__}")
+        for prompt_ids, p in zip(ids, params):  # the limits that hold whatever the engine's size, first
+            check_context(prompt_ids, p, self.config)
         shape = CacheShape(
             max_prompts=len(ids),
             max_samples=sum(p.num_sequences for p in params),
@@ -240,3 +247,24 @@ class LLM:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
         return self.generate(prompt_token_ids=[ids], sampling_params=sampling_params)[0]
+
+
+def _check_texts(prompts) -> None:
+    if not isinstance(prompts, Sequence):
+        raise InvalidParameterError("prompts", f"expected a string or a list of strings, got {type(prompts).__name__}")
+    for i, t in enumerate(prompts):
+        if not isinstance(t, str):
+            raise InvalidParameterError("prompts", f"prompt {i} is a {type(t).__name__}, not a string")
+
+
+def _check_token_ids(prompt_token_ids) -> None:
+    if isinstance(prompt_token_ids, (str, bytes)) or not isinstance(prompt_token_ids, Sequence):
+        raise InvalidParameterError("prompt_token_ids", "expected a list of lists of token ids")
+    for i, p in enumerate(prompt_token_ids):
+        if isinstance(p, (str, bytes)) or not isinstance(p, Sequence):
+            raise InvalidParameterError(
+                "prompt_token_ids", f"prompt {i} is a {type(p).__name__}, not a list of token ids "
+                "(one prompt is [[1, 2, 3]], not [1, 2, 3])")
+        for t in p:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise InvalidParameterError("prompt_token_ids", f"prompt {i} holds {t!r}, not an int token id")

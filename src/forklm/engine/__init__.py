@@ -1,3 +1,3 @@
 """The engine: scheduler (queues, admission, step plans), model runner, output processing."""
 
-from .engine import Engine  # noqa: F401
+from .engine import Engine, check_context  # noqa: F401

@@ -90,24 +90,9 @@ class Engine:
     # ---- requests ---------------------------------------------------------------------------------
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise the typed error a request would get, before any work (cheap, certain limits first)."""
-        shape, cfg = self.shape, self.model.config
-        if not prompt_ids:
-            raise InvalidParameterError("prompt", "is empty")
-        if min(prompt_ids) < 0 or max(prompt_ids) >= self.vocab_size:
-            raise InvalidParameterError("prompt_token_ids", f"token ids must be in [0, {self.vocab_size})")
+        shape = self.shape
+        check_context(prompt_ids, params, self.model.config)
         L, T = len(prompt_ids), params.max_tokens
-        if L + T > cfg.max_position_embeddings:
-            raise ContextLengthError(
-                "max_tokens",
-                f"prompt ({L} tokens) + max_tokens ({T}) = {L + T} exceeds the model's context length "
-                f"({cfg.max_position_embeddings})",
-            )
-        if cfg.sliding_window and L + T > cfg.sliding_window:
-            raise ContextLengthError(
-                "max_tokens",
-                f"prompt ({L} tokens) + max_tokens ({T}) exceeds the model's sliding_window ({cfg.sliding_window}); "
-                "forklm attends to the full context, so it only runs within the window",
-            )
         if L > shape.max_prompt_len:
             raise ContextLengthError("prompt", f"{L} tokens exceed this engine's max_prompt_len ({shape.max_prompt_len})")
         if T > shape.max_new_tokens:
@@ -295,3 +280,25 @@ class Engine:
             self._row_specs[r] = RowSpec.idle()
         self._tensors = None
         self.scheduler.release(req, cache_samples)
+
+
+def check_context(prompt_ids: list[int], params: SamplingParams, cfg) -> None:
+    """The limits that hold whatever the engine's size: a non-empty prompt of valid token ids that,
+    with max_tokens, fits the model's context (and sliding window)."""
+    if not prompt_ids:
+        raise InvalidParameterError("prompt", "is empty")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= cfg.vocab_size:
+        raise InvalidParameterError("prompt_token_ids", f"token ids must be in [0, {cfg.vocab_size})")
+    L, T = len(prompt_ids), params.max_tokens
+    if L + T > cfg.max_position_embeddings:
+        raise ContextLengthError(
+            "max_tokens",
+            f"prompt ({L} tokens) + max_tokens ({T}) = {L + T} exceeds the model's context length "
+            f"({cfg.max_position_embeddings})",
+        )
+    if cfg.sliding_window and L + T > cfg.sliding_window:
+        raise ContextLengthError(
+            "max_tokens",
+            f"prompt ({L} tokens) + max_tokens ({T}) exceeds the model's sliding_window ({cfg.sliding_window}); "
+            "forklm attends to the full context, so it only runs within the window",
+        )
