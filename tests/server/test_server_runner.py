@@ -8,6 +8,7 @@ import pytest
 from server_fixtures import make_tiny_model
 
 from forklm import LLM, SamplingParams
+from forklm.errors import InvalidParameterError
 from forklm.kv import CacheShape
 from forklm.server import EngineRunner, Metrics
 from forklm.server.errors import APIError, QueueFullError
@@ -72,6 +73,18 @@ def test_queue_bound_and_abort(runner):
     assert events[-1].output is not None
     assert runner.metrics.requests_aborted == 3
     assert runner.metrics.requests_rejected == {"queue_full": 1}
+
+
+def test_more_prompts_than_the_queue_holds_is_a_400_naming_the_limit(runner):
+    async def main():
+        with pytest.raises(InvalidParameterError, match="3 prompts in one request exceed the server's queue "
+                           r"\(--max-queue 2\)") as e:
+            await runner.submit([[5], [6], [7]], [None] * 3, SamplingParams(max_tokens=2))  # on an idle server
+        assert e.value.field == "prompt"
+        return await drain(await runner.submit([[5], [6]], [None] * 2, SamplingParams(max_tokens=2)))
+
+    assert asyncio.run(main())[-1].output is not None
+    assert runner.metrics.requests_rejected.get("queue_full", 0) == 0
 
 
 def test_engine_error_fails_the_batch_and_serving_goes_on(runner, monkeypatch):

@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from ..engine import Engine
+from ..errors import InvalidParameterError
 from ..outputs import RequestOutput, SampleDelta
 from ..sampling import SamplingParams
 from .errors import APIError, QueueFullError
@@ -251,6 +252,10 @@ class EngineRunner:
     def _add(self, sub: _Submission) -> None:
         added: list[str] = []
         try:
+            if len(sub.request_ids) > self.max_queue:  # could never be queued: not a retry-later 429
+                raise InvalidParameterError(
+                    "prompt", f"{len(sub.request_ids)} prompts in one request exceed the server's queue "
+                    f"(--max-queue {self.max_queue}); send at most {self.max_queue} per request")
             if self.engine.num_waiting + len(sub.request_ids) > self.max_queue:
                 raise QueueFullError(
                     f"the server's queue is full ({self.engine.num_waiting} requests waiting, "
