@@ -345,3 +345,14 @@ def test_sentencepiece_incremental_with_prompt_keeps_leading_space(sentencepiece
     detokenizer = IncrementalDetokenizer(loaded, prompt_ids=prompt)
     text = "".join(detokenizer.add(i) for i in generated)
     assert text == " fox jumps" and loaded.decode(generated) == "fox jumps"
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "non-empty list"), ("hi", "non-empty list"), (["hi"], "message 0 is a str"),
+    ([{"role": "", "content": "a"}], "message 0 has role ''"), ([{"content": "a"}], "has role None"),
+    ([{"role": "user", "content": "a"}, {"role": "bogus", "content": "b"}], "message 1 has role 'bogus'"),
+])
+def test_bad_conversations_are_typed_errors(tokenizer, messages, match):
+    with pytest.raises(InvalidParameterError, match=match) as e:
+        tokenizer.apply_chat_template(messages)
+    assert e.value.field == "messages"

@@ -296,6 +296,7 @@ class Tokenizer:
         Raises TokenizerError when the model has no template or it does not
         render, InvalidParameterError when the template rejects the messages.
         """
+        _check_messages(messages)
         template = self._template()
         try:
             return template.render(
@@ -562,3 +563,17 @@ def _chat_environment() -> jinja2.Environment:
     environment.globals["raise_exception"] = _raise_exception
     environment.globals["strftime_now"] = _strftime_now
     return environment
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's
+
+
+def _check_messages(messages: Any) -> None:
+    """A conversation a chat template can be given: a non-empty list of messages with a known role."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidParameterError("messages", "must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidParameterError("messages", f"message {i} is a {type(m).__name__}, not a dict")
+        if m.get("role") not in CHAT_ROLES:
+            raise InvalidParameterError("messages", f"message {i} has role {m.get('role')!r}, not one of {list(CHAT_ROLES)}")

@@ -59,6 +59,8 @@ CASES = [
     ("stop-number", *cmpl(stop=5), 400, "stop"),
     ("messages-string", *chat(messages="hi"), 400, "messages"),
     ("messages-empty", *chat(messages=[]), 400, "messages"),
+    ("message-role-empty", *chat(messages=[{"role": "", "content": "a"}]), 400, "messages"),
+    ("message-role-bogus", *chat(messages=[{"role": "bogus", "content": "a"}]), 400, "messages"),
     ("message-content-number", *chat(messages=[{"role": "user", "content": 5}]), 400, "messages"),
     ("message-image-part", *chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
      400, "messages"),
