@@ -73,7 +73,8 @@ def test_decode_levels_match_sdpa_over_concatenated_cache(depth, heads, dtype, d
     pool_len = torch.zeros(R, dtype=torch.long)
     pool_len[pool_rows] = write + 1
     plan = DecodePlan(torch.tensor(pool_rows), write, write, pool_len, int(pool_len.max()), dense, levels,
-                      [LevelGroup.of(passes, B, "cpu") for passes in by_depth])  # depths 1-3: ragged groups
+                      [LevelGroup.of(passes[:: (-1) ** d], B, "cpu") for d, passes in enumerate(by_depth)])
+    # depths 1-3: ragged groups; odd depths list their passes backwards (rows not in order: an index)
     q, k, v = (torch.randn(B, x, 1, d).to(dtype) for x in (h, hkv, hkv))
     out = DecodeAttention(pool, plan).attend(0, q, k, v)  # [B, H, 1, D]
     assert out.shape == (B, h, 1, d) and out.dtype == dtype

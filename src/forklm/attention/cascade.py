@@ -2,9 +2,10 @@
 
 Decode (`DecodeAttention`): the current token's K/V is written to each row's pool slot, then one
 LSE-returning pass per level (the sample level over the pool rows, then the plan's shared segments
-over exactly the rows below them, one batched call per depth of the tree) folded by the exact merge. Cost follows the live rows and the
-real lengths: the pool is read up to the longest live row and the highest live row, a segment up to
-its valid length, and no level is padded to a fixed number of samples.
+over exactly the rows below them, one batched call per depth of the tree) folded by the exact
+merge. Cost follows the live rows and the real lengths: the pool is read up to the longest live row
+and the highest live row, a segment up to its valid length, and no level is padded to a fixed
+number of samples.
 
 Prefill (`PrefillAttention`): a chunk of one prompt writes its K/V, attends causally to itself (and
 to earlier chunks of the same segment) and fully to the cached segments above it.

@@ -55,7 +55,9 @@ class LevelGroup:
         query = [i + [batch] * (m - len(i)) for i in idx]
         out = [p * m + j for p, i in enumerate(idx) for j in range(len(i))]
         t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        return cls(passes, t([r for i in idx for r in i]), lengths, width, t(query), t(out))
+        flat = [r for i in idx for r in i]
+        rows = slice(flat[0], flat[-1] + 1) if flat == list(range(flat[0], flat[-1] + 1)) else t(flat)
+        return cls(passes, rows, lengths, width, t(query), t(out))
 
 
 def _as_list(rows: slice | Tensor) -> list[int]:
