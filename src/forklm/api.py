@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import apply_weight_updates, load_checkpoint, weight_updates
 from .compile import bucket
 from .cpu_linear import pack_linears
 from .engine import Engine, check_context
@@ -177,6 +177,23 @@ class LLM:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if self.cache_bytes(grow(mid)) <= budget else (lo, mid)
         return lo
+
+    # ---- weights --------------------------------------------------------------------------------
+    def update_weights(self, named_tensors) -> int:
+        """Replace weights in place from (Hugging Face name, tensor) pairs (`state_dict().items()` works;
+        any subset of the weights may be given). Names and shapes are checked as strictly as at load
+        time before anything changes (CheckpointError naming the tensor); tensors are converted to
+        this LLM's dtype and device, packed linears packed again, and every cached prefix forgotten,
+        so no later request reuses K/V computed with the old weights. Call it between `generate`
+        calls. Returns the number of forklm parameters replaced."""
+        if isinstance(named_tensors, dict):
+            named_tensors = named_tensors.items()
+        updates = weight_updates(self.config, named_tensors)
+        apply_weight_updates(self.model, updates)
+        if self._engine is not None:
+            self._engine.prefix_cache.invalidate()
+        log.info("updated %d weight tensors; cached prefixes dropped", len(updates))
+        return len(updates)
 
     # ---- generation -----------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

@@ -279,6 +279,71 @@ def build_model(
     return model.eval()
 
 
+# ---- weights replaced in a live model ---------------------------------------------------------------
+def weight_updates(cfg: ModelConfig, named_tensors) -> dict[str, Tensor]:
+    """(Hugging Face name, tensor) pairs -> {forklm parameter name: tensor in forklm's layout}, checked as
+    strictly as loading: every name must be one the model maps (or a known buffer, skipped), every
+    tensor floating point and of the shape config.json implies. Nothing is copied yet, so a bad
+    update raises (CheckpointError naming the tensor) before anything changes. Any subset of the
+    weights may be given; for a model with tied embeddings, `lm_head.weight` is the embedding's
+    (taken only when the embedding itself is not given)."""
+    given: dict[str, Tensor] = {}
+    for item in named_tensors:
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
+            raise CheckpointError(f"weight update: expected (name, tensor) pairs, got {type(item).__name__}")
+        name, tensor = item
+        if not isinstance(tensor, Tensor):
+            raise CheckpointError(f"weight update: {name!r} is a {type(tensor).__name__}, not a tensor")
+        given[name] = tensor
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in Transformer(cfg).named_parameters()}
+    rules = weight_rules(cfg, set(given))
+    by_hf: dict[str, list[str]] = {}
+    for mine, (hf_name, _) in rules.items():
+        by_hf.setdefault(hf_name, []).append(mine)
+    embed_hf = rules["tok_embeddings.weight"][0]
+    if cfg.tie_word_embeddings and "lm_head.weight" in given and embed_hf not in given:
+        given[embed_hf] = given["lm_head.weight"]
+    updates: dict[str, Tensor] = {}
+    for hf_name, tensor in given.items():
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            mine_names = ["tok_embeddings.weight"]  # checked against the embedding's shape, used above
+        elif hf_name in by_hf:
+            mine_names = by_hf[hf_name]
+        elif _IGNORED.search(hf_name):
+            continue
+        else:
+            raise CheckpointError(f"weight update: {hf_name!r} is not a tensor of this {cfg.model_type} model")
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"weight update: {hf_name!r} has dtype {tensor.dtype}, not a floating point one")
+        for mine in mine_names:
+            value = rules[mine][1](tensor.detach())
+            if tuple(value.shape) != shapes[mine]:
+                raise CheckpointError(
+                    f"weight update: {hf_name!r} has shape {tuple(tensor.shape)}; the model's {mine} needs "
+                    f"{shapes[mine]} (from config.json)")
+            if hf_name != "lm_head.weight" or not cfg.tie_word_embeddings:
+                updates[mine] = value
+    return updates
+
+
+def apply_weight_updates(model: Transformer, updates: dict[str, Tensor]) -> None:
+    """Copy `updates` (from `weight_updates`) into `model` in place, converting dtype and device; packed
+    linears are packed again (and the packed copy of a tied embedding in the LM head with them)."""
+    from .cpu_linear import PackedLinear
+
+    with torch.no_grad():
+        for name, value in updates.items():
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            if isinstance(module, PackedLinear) and attr == "weight":
+                module.repack(value)
+            else:
+                getattr(module, attr).copy_(value)
+        if model.config.tie_word_embeddings and "tok_embeddings.weight" in updates and isinstance(model.lm_head, PackedLinear):
+            model.lm_head.repack(model.tok_embeddings.weight)
+
+
 def _rebuild_buffer(model: Transformer, attr: str) -> Tensor:
     from .model import rope_inv_freq
 

@@ -60,6 +60,12 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self._op = packed_linear_op()
 
+    def repack(self, weight: Tensor) -> None:
+        """Replace the weight with `weight` [out, in] (any float dtype; packed again)."""
+        assert tuple(weight.shape) == (self.out_features, self.in_features)
+        w = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT)
+
     def forward(self, x: Tensor) -> Tensor:
         return self._op(x, self.weight, self.bias)  # [..., in] -> [..., out]
 

@@ -201,6 +201,15 @@ class PrefixCache:
     def total_refs(self) -> int:
         return sum(n.ref for n in self.nodes())
 
+    def invalidate(self) -> None:
+        """Forget every cached prefix (the weights changed): unpinned nodes are freed now; pinned ones
+        leave the tree, private to the requests running on them, and are freed when those finish. No
+        request admitted later matches K/V computed before."""
+        self.clear()
+        for node in self.nodes():
+            node.private = True
+        self.root.children = {}
+
     def clear(self) -> None:
         """Drop every unpinned node (the weights changed, or the engine is being resized)."""
         self.evict(self.cached_tokens() + 1)
