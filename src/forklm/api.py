@@ -189,9 +189,10 @@ class LLM:
         if isinstance(named_tensors, dict):
             named_tensors = named_tensors.items()
         updates = weight_updates(self.config, named_tensors)
-        apply_weight_updates(self.model, updates)
         if self._engine is not None:
-            self._engine.prefix_cache.invalidate()
+            self._engine.update_weights(updates)
+        else:
+            apply_weight_updates(self.model, updates)
         log.info("updated %d weight tensors; cached prefixes dropped", len(updates))
         return len(updates)
 

@@ -327,6 +327,34 @@ def weight_updates(cfg: ModelConfig, named_tensors) -> dict[str, Tensor]:
     return updates
 
 
+def read_weights(path: str | os.PathLike):
+    """(name, tensor) pairs of a .safetensors file or a Hugging Face folder (sharded or not), read one at
+    a time; a missing or unreadable file is a CheckpointError naming it."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        reader = SafetensorsReader(path)
+        return ((name, reader.get(name)) for name in sorted(reader.names()))
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: weights must be a .safetensors file or a folder of them")
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+        names = sorted(handle.keys())
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+
+    def read(name: str) -> Tensor:
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor {name!r} cannot be read ({e})") from None
+
+    return ((name, read(name)) for name in names)
+
+
 def apply_weight_updates(model: Transformer, updates: dict[str, Tensor]) -> None:
     """Copy `updates` (from `weight_updates`) into `model` in place, converting dtype and device; packed
     linears are packed again (and the packed copy of a tied embedding in the LM head with them)."""

@@ -16,6 +16,7 @@ import time
 import torch
 from torch import Tensor
 
+from ..checkpoint import apply_weight_updates
 from ..compile import make_sample_fn
 from ..errors import CapacityError, ContextLengthError, InvalidParameterError, TokenizerError
 from ..kv.prefix_cache import PrefixCache
@@ -81,6 +82,12 @@ class Engine:
         self._history = TokenHistory(S, shape.max_prompt_len + shape.max_new_tokens, self.vocab_size, self.device)
         self._row_specs: list[RowSpec] = [RowSpec.idle() for _ in range(S)]
         self._tensors: SamplingTensors | None = None
+
+    def update_weights(self, updates: dict[str, Tensor]) -> None:
+        """New weights (from checkpoint.weight_updates), from the next step on; every cached prefix is
+        forgotten. Running requests go on over the K/V they already have."""
+        apply_weight_updates(self.model, updates)
+        self.prefix_cache.invalidate()
 
     def set_eos_token_ids(self, ids: list[int]) -> None:
         """The tokens that end a sample (requests admitted from now on)."""

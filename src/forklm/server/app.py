@@ -1,7 +1,8 @@
 """The FastAPI application: routes, API key, body size limit, request counting.
 
 `build_app(ctx)` wires an already running `EngineRunner` (inside `ctx`) to the routes:
-POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics.
+POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics, and
+POST /v1/load_weights (new weights from a safetensors file on the server's disk; API key when set).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .errors import APIError, install_handlers
-from .handlers import ServerContext, create_chat_completion, create_completion
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .handlers import ServerContext, create_chat_completion, create_completion, load_weights
+from .protocol import ChatCompletionRequest, CompletionRequest, LoadWeightsRequest
 
 #: Largest request body accepted (413 beyond it), unless build_app is told otherwise.
 MAX_BODY_BYTES = 32 * 2**20
@@ -142,7 +143,11 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await create_chat_completion(body, request, ctx)
 
-    known = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+    @app.post("/v1/load_weights", dependencies=auth)
+    async def load_weights_route(body: LoadWeightsRequest) -> Response:
+        return await load_weights(body, ctx)
+
+    known = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_weights"}
     app.add_middleware(_Guard, metrics=runner.metrics, max_body_bytes=max_body_bytes, known_paths=known)
     return app
 

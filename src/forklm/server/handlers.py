@@ -20,7 +20,7 @@ from ..outputs import RequestOutput
 from ..sampling import SamplingParams
 from . import format as fmt
 from .errors import APIError, from_forklm
-from .protocol import CHAT_RENAME, ChatCompletionRequest, CompletionRequest
+from .protocol import CHAT_RENAME, ChatCompletionRequest, CompletionRequest, LoadWeightsRequest
 from .runner import EngineRunner, RequestHandle
 
 #: How often a non-streaming request checks that its client is still connected.
@@ -261,3 +261,21 @@ async def _chat_stream(
         yield fmt.DONE
     finally:
         handle.close()
+
+
+async def load_weights(req: LoadWeightsRequest, ctx: ServerContext) -> Response:
+    """Read and check the file off the event loop (the engine keeps stepping), then swap the weights in
+    at the engine's next step boundary; answers once they are in use."""
+    from ..checkpoint import read_weights, weight_updates
+
+    config = ctx.runner.engine.model.config
+
+    def read_and_check() -> dict:
+        return weight_updates(config, read_weights(req.path))
+
+    try:
+        updates = await asyncio.to_thread(read_and_check)
+    except ForklmError as error:
+        raise APIError(400, str(error), param="path", code="invalid_weights") from None
+    await ctx.runner.update_weights(updates)
+    return JSONResponse({"status": "ok", "updated_tensors": len(updates)})

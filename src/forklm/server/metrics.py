@@ -55,6 +55,7 @@ class Metrics:
         self.generation_tokens = 0
         self.engine_steps = 0
         self.engine_errors = 0
+        self.weight_updates = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.step_latency = Histogram(STEP_BUCKETS)
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
@@ -91,6 +92,10 @@ class Metrics:
         with self._lock:
             self.requests_aborted += count
 
+    def on_weight_update(self) -> None:
+        with self._lock:
+            self.weight_updates += 1
+
     def on_engine_error(self) -> None:
         with self._lock:
             self.engine_errors += 1
@@ -124,6 +129,7 @@ class Metrics:
                 ("forklm_engine_steps_total", "Engine steps run.", self.engine_steps),
                 ("forklm_engine_errors_total", "Engine steps that raised (their requests failed).",
                  self.engine_errors),
+                ("forklm_weight_updates_total", "Weight updates applied (POST /v1/load_weights).", self.weight_updates),
             ]
             for name, help_text, value in simple:
                 block(name, "counter", help_text, [f"{name} {value}"])

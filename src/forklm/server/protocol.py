@@ -192,3 +192,13 @@ class ChatCompletionRequest(_GenerationRequest):
 #: engine / SamplingParams field -> the chat request's field, for error messages
 CHAT_RENAME = {"logprobs": "top_logprobs", "prompt": "messages", "prompt_token_ids": "messages"}
 
+
+
+class LoadWeightsRequest(BaseModel):
+    """POST /v1/load_weights: new weights for the served model, read from the server's own disk."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    path: str
+    """A .safetensors file, or a Hugging Face folder of them, with Hugging Face tensor names (any subset
+    of the model's weights)."""

@@ -201,6 +201,16 @@ class EngineRunner:
     def abort(self, request_ids: list[str]) -> None:
         self._inbox.put(("abort", list(request_ids)))
 
+    async def update_weights(self, updates: dict) -> None:
+        """New weights (checked by checkpoint.weight_updates), in use from the engine's next step;
+        returns once they are. Requests running meanwhile go on over the K/V they have."""
+        if not self.alive:
+            raise APIError(503, "the engine is not running", type="server_error", code="engine_stopped")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._inbox.put(("weights", (updates, loop, done)))
+        await done
+
     # ---- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:
         reason = "the server is shutting down"
@@ -229,6 +239,8 @@ class EngineRunner:
                     break
                 if item is not _STOP and item[0] == "add":
                     self._post(item[1].loop, _resolve, item[1].accepted, error)
+                elif item is not _STOP and item[0] == "weights":
+                    self._post(item[1][1], _resolve, item[1][2], error)
 
     def _drain(self, wait: bool) -> bool:
         """Handle every command in the inbox (waiting a little for one when idle). False on stop."""
@@ -242,6 +254,8 @@ class EngineRunner:
             kind, payload = item
             if kind == "add":
                 self._add(payload)
+            elif kind == "weights":
+                self._update_weights(*payload)
             else:
                 self._abort(payload)
             try:
@@ -275,6 +289,17 @@ class EngineRunner:
             self.metrics.on_submitted(len(sub.prompts[i]))
         self._update_gauges()
         self._post(sub.loop, _resolve, sub.accepted, None)
+
+    def _update_weights(self, updates: dict, loop: asyncio.AbstractEventLoop, done: asyncio.Future) -> None:
+        try:
+            self.engine.update_weights(updates)
+        except Exception as error:  # checked before; a failure here is a bug, told to the caller
+            log.exception("weight update failed")
+            self._post(loop, _resolve, done, error)
+            return
+        self.metrics.on_weight_update()
+        self._update_gauges()
+        self._post(loop, _resolve, done, None)
 
     def _abort(self, request_ids: list[str]) -> None:
         dropped = 0
