@@ -16,6 +16,7 @@ from .engine import Engine, check_context
 from .errors import CapacityError, InvalidParameterError, TokenizerError
 from .kv.storage import CacheShape, KVStorage, bytes_per_token
 from .outputs import RequestOutput
+from .progress import GenerationProgress
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -207,8 +208,10 @@ class LLM:
         prompts: str | Sequence[str] | None = None,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generate for each prompt (text, or token ids) its n samples; one output per prompt, in order."""
+        """Generate for each prompt (text, or token ids) its n samples; one output per prompt, in order.
+        use_tqdm: a progress bar (requests done, tokens/s) on stderr while it is a terminal."""
         if (prompts is None) == (prompt_token_ids is None):
             raise InvalidParameterError("prompts", "give exactly one of prompts or prompt_token_ids")
         if isinstance(prompts, str):
@@ -248,23 +251,29 @@ class LLM:
             rid = str(self._request_counter)
             engine.add_request(rid, prompt_ids, p, prompt=text)
             request_ids.append(rid)
+        progress = GenerationProgress(len(request_ids), enabled=bool(use_tqdm))
         try:
             while engine.has_unfinished():
-                engine.step()
+                deltas = engine.step()
+                progress.update(sum(len(d.token_ids) for d in deltas),
+                                len(request_ids) - engine.num_running - engine.num_waiting)
         except BaseException:  # interrupted or failed: leave the engine empty for the next call
             for rid in request_ids:
                 engine.abort(rid)
                 engine.pop_output(rid)
             raise
+        finally:
+            progress.close()
         return [engine.pop_output(rid) for rid in request_ids]
 
-    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True) -> RequestOutput:
         """Render `messages` with the model's chat template and generate."""
         if self.tokenizer is None:
             raise TokenizerError(f"{self.source} has no tokenizer")
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        return self.generate(prompt_token_ids=[ids], sampling_params=sampling_params)[0]
+        return self.generate(prompt_token_ids=[ids], sampling_params=sampling_params, use_tqdm=use_tqdm)[0]
 
 
 def _check_texts(prompts) -> None:

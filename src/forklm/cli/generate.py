@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 HELP = "generate n samples for a prompt (default model: the embedded SmolLM2-135M-Instruct)"
 
@@ -38,11 +39,17 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
+    show = not args.json and sys.stderr.isatty()  # progress on a terminal only; --json stays one object
+    status = _Status(show)
+    status.say(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...")
+    t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_layout=args.kv_layout, compile=args.compile)
+    status.say(f"loaded in {time.perf_counter() - t0:.1f} s ({args.dtype}, {args.device})"
+               + ("; the first step compiles the model (tens of seconds on a small CPU)" if args.compile else ""))
     if args.chat:
-        out = llm.chat([{"role": "user", "content": args.prompt}], params)
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=show)
     else:
-        out = llm.generate([args.prompt], params)[0]
+        out = llm.generate([args.prompt], params, use_tqdm=show)[0]
     if args.json:
         payload = {
             "model": llm.source,
@@ -66,3 +73,15 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(f"--- sample {o.index} ({o.finish_reason}, {len(o.token_ids)} tokens) ---\n")
         sys.stdout.write((o.text if o.text is not None else " ".join(map(str, o.token_ids))) + "\n")
     return 0
+
+
+class _Status:
+    """One-line status messages on stderr (when `show`)."""
+
+    def __init__(self, show: bool):
+        self.show = show
+
+    def say(self, message: str) -> None:
+        if self.show:
+            sys.stderr.write(f"forklm: {message}\n")
+            sys.stderr.flush()

@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--kv-cache-memory", "must be > 0 (GiB)")
     if args.max_n is not None and args.max_n < 1:
         raise InvalidParameterError("--max-n", "must be >= 1")
+    sys.stderr.write(f"forklm serve: loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...\n")
+    sys.stderr.flush()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_layout=args.kv_layout, compile=args.compile,
               kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
               prefill_chunk_tokens=args.prefill_chunk_tokens)
@@ -77,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
         name, aliases = args.served_model_name or str(args.model), {str(args.model), Path(str(args.model)).name}
     metrics = Metrics(name)
     runner = EngineRunner(engine, metrics, max_queue=args.max_queue)
+    sys.stderr.write("forklm serve: warming up" + (" (compiling the decode step: tens of seconds on a small CPU)"
+                                                  if args.compile else "") + " ...\n")
+    sys.stderr.flush()
     runner.warm_up()
     ctx = ServerContext(
         runner=runner,

@@ -129,7 +129,7 @@ class ForkLMEval(TemplateLM):
             while stop < len(seqs) and (stop == start or tokens + len(seqs[stop]) <= budget):
                 tokens += len(seqs[stop])
                 stop += 1
-            outs = self.llm.generate(prompt_token_ids=seqs[start:stop], sampling_params=params)
+            outs = self.llm.generate(prompt_token_ids=seqs[start:stop], sampling_params=params, use_tqdm=False)
             for (ctx, cont), seq, out in zip(pairs[start:stop], seqs[start:stop], outs):
                 n = min(len(cont), len(seq) - 1)
                 entries = out.prompt_logprobs[len(seq) - n:]
@@ -192,7 +192,7 @@ class ForkLMEval(TemplateLM):
             ids = self.tok_encode(context)
             prompts.append(ids[-max(1, self.max_length - p.max_tokens):])  # left-truncated to leave room
             params.append(p)
-        outs = self.llm.generate(prompt_token_ids=prompts, sampling_params=params)
+        outs = self.llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
         texts: list[str] = [""] * len(requests)
         for at, out in zip(groups.values(), outs):
             for i, sample in zip(at, out.outputs):

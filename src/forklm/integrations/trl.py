@@ -65,6 +65,7 @@ class ForkLMRollout:
         outputs = self.llm.generate(
             prompt_token_ids=[list(key) for key in groups],
             sampling_params=[dataclasses.replace(params, n=len(at), seed=rng.randrange(2**31)) for at in groups.values()],
+            use_tqdm=False,
         )
         completion_ids: list[list[int]] = [[] for _ in prompts]
         logprobs: list[list[float]] = [[] for _ in prompts]
