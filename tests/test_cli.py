@@ -42,6 +42,8 @@ def test_generate_text_on_tiny_model(hf_models):
         (["generate"], "--prompt"),
         (["generate", "/no/such/model", "--prompt", "x"], "/no/such/model"),
         (["frobnicate"], "invalid choice"),
+        (["generate", "/no/such/model", "--prompt", "x", "-v"], "/no/such/model"),  # -v after the subcommand
+        (["-v", "generate", "/no/such/model", "--prompt", "x"], "/no/such/model"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message):

@@ -1,6 +1,8 @@
 """The engine: bifurcated vs replicated, compiled vs eager, batches of prompts with their own n,
 requests joining mid-run, per-sample stopping, and the errors raised before any work."""
 
+import math
+
 import pytest
 import torch
 
@@ -155,11 +157,23 @@ def test_errors_before_any_work(folder, hf_models):
     ({"prompts": ["a", 3]}, "prompt 1 is a int"),
     ({"prompts": ["a", None]}, "prompt 1 is a NoneType"),
     ({"prompts": 3}, "a string or a list of strings"),
+    ({"prompts": ["ok", "a\udfffb"]}, "prompt 1 is not valid Unicode"),
 ])
 def test_prompts_of_the_wrong_type_are_typed_errors(folder, bad, match):
     with pytest.raises(InvalidParameterError, match=match) as e:
         LLM(folder).generate(**bad)
     assert e.value.args and ("prompt_token_ids" if "prompt_token_ids" in bad else "prompts") in str(e.value)
+
+
+def test_smallest_temperature_and_repetition_penalty_stay_finite(folder):
+    """The smallest accepted values (1e-46 is refused by SamplingParams) give finite log probs."""
+    from forklm.sampling.params import MIN_REPETITION_PENALTY, MIN_TEMPERATURE
+
+    outs = LLM(folder).generate(prompt_token_ids=[[5, 6, 7, 5, 6]], sampling_params=SamplingParams(
+        n=2, max_tokens=6, temperature=MIN_TEMPERATURE, repetition_penalty=MIN_REPETITION_PENALTY, logprobs=1,
+        ignore_eos=True, seed=0))
+    for o in outs[0].outputs:
+        assert math.isfinite(o.cumulative_logprob) and len(o.token_ids) == 6
 
 
 def test_max_tokens_beyond_the_context_is_a_context_error_not_a_memory_one(folder):

@@ -351,6 +351,7 @@ def test_sentencepiece_incremental_with_prompt_keeps_leading_space(sentencepiece
     ([], "non-empty list"), ("hi", "non-empty list"), (["hi"], "message 0 is a str"),
     ([{"role": "", "content": "a"}], "message 0 has role ''"), ([{"content": "a"}], "has role None"),
     ([{"role": "user", "content": "a"}, {"role": "bogus", "content": "b"}], "message 1 has role 'bogus'"),
+    ([{"role": "user", "content": "a\ud800b"}], "message 0's content is not valid Unicode"),
 ])
 def test_bad_conversations_are_typed_errors(tokenizer, messages, match):
     with pytest.raises(InvalidParameterError, match=match) as e:

@@ -18,6 +18,7 @@ from .kv.storage import CacheShape, KVStorage, bytes_per_token
 from .outputs import RequestOutput
 from .progress import GenerationProgress
 from .sampling import SamplingParams
+from .tokenizer import check_unicode
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,7 @@ def _check_texts(prompts) -> None:
     for i, t in enumerate(prompts):
         if not isinstance(t, str):
             raise InvalidParameterError("prompts", f"prompt {i} is a {type(t).__name__}, not a string")
+        check_unicode(t, "prompts", f"prompt {i}")
 
 
 def _check_token_ids(prompt_token_ids) -> None:

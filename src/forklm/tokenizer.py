@@ -577,3 +577,14 @@ def _check_messages(messages: Any) -> None:
             raise InvalidParameterError("messages", f"message {i} is a {type(m).__name__}, not a dict")
         if m.get("role") not in CHAT_ROLES:
             raise InvalidParameterError("messages", f"message {i} has role {m.get('role')!r}, not one of {list(CHAT_ROLES)}")
+        content = m.get("content")
+        if isinstance(content, str):
+            check_unicode(content, "messages", f"message {i}'s content")
+
+
+def check_unicode(text: str, field: str, what: str = "the text") -> None:
+    """Text a tokenizer can take: no lone surrogates ("\ud800", which JSON and Python strings may carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidParameterError(field, f"{what} is not valid Unicode: {error.reason} at {error.start}") from None

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -152,8 +155,25 @@ def test_through_the_server(setup):
     finally:
         srv.stop()
     native = _evaluate(tasks, "forklm", f"pretrained={model_dir}", ["forklm_tiny_scored", "forklm_tiny_asked"])
-    for got, want in zip(_per_doc(results, "forklm_tiny_scored"), _per_doc(native, "forklm_tiny_scored")):
-        assert abs(got[0][0] - want[0][0]) < 1e-4 and got[0][1] == want[0][1], (got, want)
+    score, encode, _ = _hf_reference(model_dir)
+    for row, got in zip(SCORED, _per_doc(results, "forklm_tiny_scored")):
+        want_lp, want_greedy = score(encode(row["context"]), encode(row["continuation"]))
+        assert abs(got[0][0] - want_lp) < 1e-4 and got[0][1] == want_greedy, (row, got, want_lp)
     assert _generations(results, "forklm_tiny_asked") == _generations(native, "forklm_tiny_asked")
     chat_gens = _generations(chat, "forklm_tiny_asked")
     assert len(chat_gens) == len(ASKED) and all(len(g) == REPEATS for g in chat_gens)
+
+
+def test_forklm_lm_eval_command(setup, tmp_path):
+    """`forklm-lm-eval`: the harness's own CLI, with the forklm model registered."""
+    model_dir, tasks = setup
+    script = Path(sys.executable).parent / "forklm-lm-eval"
+    script = script if script.exists() else Path(shutil.which("forklm-lm-eval") or "forklm-lm-eval")
+    r = subprocess.run([str(script), "--model", "forklm", "--model_args", f"pretrained={model_dir}",
+                        "--tasks", "forklm_tiny_scored", "--include_path", str(tasks), "--output_path",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "forklm_tiny_scored" in r.stdout and "perplexity" in r.stdout
+    results = list((tmp_path / "out").rglob("results_*.json"))
+    assert results and "forklm_tiny_scored" in json.loads(results[0].read_text())["results"]

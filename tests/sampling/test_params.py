@@ -68,6 +68,7 @@ INVALID = [
     ("top_p", 0.0), ("top_p", 1.01), ("top_p", -0.5), ("top_p", math.nan), ("top_p", "0.9"),
     ("min_p", -0.01), ("min_p", 1.5), ("min_p", math.inf),
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.nan),
+    ("repetition_penalty", 1e-50), ("repetition_penalty", 1e50), ("temperature", 1e-46), ("temperature", 5e-5),
     ("presence_penalty", 2.5), ("presence_penalty", -2.01), ("presence_penalty", math.inf),
     ("frequency_penalty", 3), ("frequency_penalty", math.nan), ("frequency_penalty", [1]),
     ("max_tokens", 0), ("max_tokens", None), ("max_tokens", 2.0),

@@ -29,6 +29,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import torch
+
 import lm_eval.models  # noqa: F401  (the harness's own models first: it loads them only into an empty registry)
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
@@ -66,6 +68,10 @@ class ForkLMEval(TemplateLM):
         super().__init__()
         if unused:
             log.warning("forklm lm-eval model: ignoring arguments %s", sorted(unused))
+        device = device or "cpu"
+        if str(device).startswith("cuda") and not torch.cuda.is_available():  # the harness CLI's default is cuda
+            log.warning("forklm lm-eval model: CUDA is not available, running on the CPU")
+            device = "cpu"
         self.llm = LLM(pretrained, dtype=dtype, device=device, kv_cache_memory=None if kv_cache_memory is None
                        else float(kv_cache_memory), enable_prefix_caching=_flag(enable_prefix_caching))
         if self.llm.tokenizer is None:

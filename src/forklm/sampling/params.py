@@ -20,6 +20,11 @@ from forklm.errors import InvalidParameterError
 MAX_LOGPROBS = 20
 #: Bound on |logit_bias| values, as in the OpenAI API.
 MAX_LOGIT_BIAS = 100.0
+#: Smallest temperature above 0 (greedy): below it, logits / temperature leave float32's range
+#: (1e-46 gave NaN log probs and token 0 repeated); the draws are all but greedy long before.
+MIN_TEMPERATURE = 1e-4
+#: Bounds on repetition_penalty, for the same reason (it divides or multiplies float32 logits).
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-4, 1e4
 #: Bound on |presence_penalty| and |frequency_penalty|, as in the OpenAI API.
 MAX_PENALTY = 2.0
 
@@ -176,6 +181,9 @@ class SamplingParams:
         set_(self, "temperature", _check_float("temperature", self.temperature))
         if self.temperature < 0:
             raise InvalidParameterError("temperature", f"must be >= 0, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise InvalidParameterError(
+                "temperature", f"must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {self.temperature:g}")
         _check_int("top_k", self.top_k, minimum=-1)
         set_(self, "top_p", _check_float("top_p", self.top_p))
         if not 0.0 < self.top_p <= 1.0:
@@ -184,8 +192,10 @@ class SamplingParams:
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidParameterError("min_p", f"must be in [0, 1], got {self.min_p}")
         set_(self, "repetition_penalty", _check_float("repetition_penalty", self.repetition_penalty))
-        if self.repetition_penalty <= 0:
-            raise InvalidParameterError("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise InvalidParameterError(
+                "repetition_penalty", f"must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}] "
+                f"(1 = off), got {self.repetition_penalty:g}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = _check_float(name, getattr(self, name))
             if abs(value) > MAX_PENALTY:

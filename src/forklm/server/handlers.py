@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..errors import ContextLengthError, ForklmError, InvalidParameterError, TokenizerError
 from ..outputs import RequestOutput
 from ..sampling import SamplingParams
+from ..tokenizer import check_unicode
 from . import format as fmt
 from .errors import APIError, from_forklm
 from .protocol import CHAT_RENAME, ChatCompletionRequest, CompletionRequest, LoadWeightsRequest
@@ -52,10 +53,7 @@ class ServerContext:
     def encode(self, text: str, field: str = "prompt", add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise TokenizerError("this model has no tokenizer: send the prompt as token ids")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:  # JSON may carry lone surrogates ("\ud800"); tokenizers refuse them
-            raise InvalidParameterError(field, f"is not valid Unicode: {error.reason} at {error.start}") from None
+        check_unicode(text, field)  # JSON may carry lone surrogates ("\ud800"); tokenizers refuse them
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def decode_token(self, token_id: int) -> str:
