@@ -357,3 +357,16 @@ def test_bad_conversations_are_typed_errors(tokenizer, messages, match):
     with pytest.raises(InvalidParameterError, match=match) as e:
         tokenizer.apply_chat_template(messages)
     assert e.value.field == "messages"
+
+
+def test_encode_within_refuses_certainly_too_long_text_without_tokenizing(tokenizer, monkeypatch):
+    from forklm.errors import ContextLengthError
+
+    limit = 100
+    bound = 2 * limit * tokenizer.max_token_chars
+    assert tokenizer.max_token_chars >= max(len(tokenizer.decode([i], skip_special_tokens=False)) for i in range(500))
+    assert tokenizer.encode_within("a" * bound, limit, "prompt") == tokenizer.encode("a" * bound)  # not refused here
+    monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized an over-long text"))
+    with pytest.raises(ContextLengthError, match="characters") as e:
+        tokenizer.encode_within("a" * (bound + 1), limit, "prompt")
+    assert e.value.field == "prompt"

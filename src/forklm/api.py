@@ -199,10 +199,11 @@ class LLM:
         return len(updates)
 
     # ---- generation -----------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, field: str = "prompts") -> list[int]:
+        """Token ids of `text`; a text certainly longer than the model's context is refused untokenized."""
         if self.tokenizer is None:
             raise TokenizerError(f"{self.source} has no tokenizer: pass prompt_token_ids instead of text")
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode_within(text, self.config.max_position_embeddings, field)
 
     def generate(
         self,

@@ -15,6 +15,7 @@ a stream of generated ids into a stream of text.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import logging
 import re
@@ -29,7 +30,7 @@ import sentencepiece
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-from forklm.errors import InvalidParameterError, TokenizerError
+from forklm.errors import ContextLengthError, InvalidParameterError, TokenizerError
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +281,20 @@ class Tokenizer:
         if add_special_tokens and self.add_bos:
             ids.insert(0, self.bos_token_id)
         return ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters any one token decodes to (so a text of c characters has at least
+        c / max_token_chars tokens). Computed once over the vocabulary (~0.1 s for 49k tokens)."""
+        return max((len(self.decode([i], skip_special_tokens=False)) for i in range(self.vocab_size)), default=1) or 1
+
+    def encode_within(self, text: str, max_tokens: int, field: str, add_special_tokens: bool = True) -> list[int]:
+        """`encode`, refusing at once a text that certainly has more than `max_tokens` tokens (its length
+        over twice what max_tokens tokens can spell), so an over-long prompt costs no tokenization."""
+        if len(text) > 2 * max_tokens * self.max_token_chars:
+            raise ContextLengthError(
+                field, f"{len(text)} characters: more than the model's context of {max_tokens} tokens can hold")
+        return self.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text for `ids`; special tokens are left out unless asked for."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 
@@ -96,6 +97,19 @@ def test_invalid_value_names_the_field(field, value):
         SamplingParams(**{field: value})
     assert e.value.field == field
     assert str(e.value).startswith(f"{field}:")
+
+
+@pytest.mark.parametrize("field, value, limit", [
+    ("n", 4097, "4096"), ("best_of", 4097, "4096"), ("stop", ["x"] * 33, "at most 32 entries"),
+    ("stop", ["x" * 1025], "at most 1024 characters"), ("bad_words", ["w"] * 33, "at most 32 entries"),
+    ("stop_token_ids", [1] * 1025, "at most 1024 entries"), ("logit_bias", {i: 1.0 for i in range(1025)}, "at most 1024"),
+    ("temperature", 1e-46, ">= 0.0001"), ("repetition_penalty", 1e-50, "[0.0001, 10000]"),
+], ids=["n", "best_of", "stop-count", "stop-length", "bad_words", "stop_token_ids", "logit_bias", "temperature",
+        "repetition_penalty"])
+def test_size_limits_are_named_in_the_message(field, value, limit):
+    with pytest.raises(InvalidParameterError, match=re.escape(limit)) as e:
+        SamplingParams(**{field: value})
+    assert e.value.field == field
 
 
 def test_cross_field_rules():

@@ -90,3 +90,16 @@ def test_queue_full_is_429_with_retry_after(server, model):
     metrics = server.metrics()
     assert metrics['forklm_requests_rejected_total{reason="queue_full"}'] >= 1
     assert metrics["forklm_requests_aborted_total"] >= 2
+
+
+def test_a_huge_prompt_is_refused_untokenized_and_the_server_keeps_serving(server, model):
+    """20 MB of text (the body limit is 32 MB): refused from its length alone, at once, as a context error."""
+    start = time.perf_counter()
+    r = httpx.post(server.url + "/v1/completions", headers=auth(), timeout=60,
+                   json={"model": model, "prompt": "ab " * (20 * 2**20 // 3), "max_tokens": 2})
+    took = time.perf_counter() - start
+    assert_error(r, 400, "prompt")
+    assert r.json()["error"]["code"] == "context_length_exceeded" and "characters" in r.json()["error"]["message"]
+    ok = httpx.post(server.url + "/v1/completions", headers=auth(), timeout=60,
+                    json={"model": model, "prompt": "ab", "max_tokens": 2})
+    assert ok.status_code == 200, (ok.text, took)

@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
                                                   if args.compile else "") + " ...\n")
     sys.stderr.flush()
     runner.warm_up()
+    if llm.tokenizer is not None:
+        llm.tokenizer.max_token_chars  # computed now (over the vocabulary), not in the first request
     ctx = ServerContext(
         runner=runner,
         tokenizer=llm.tokenizer,

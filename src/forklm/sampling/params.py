@@ -20,6 +20,12 @@ from forklm.errors import InvalidParameterError
 MAX_LOGPROBS = 20
 #: Bound on |logit_bias| values, as in the OpenAI API.
 MAX_LOGIT_BIAS = 100.0
+#: Size limits, checked before any work (each one is named in its error message).
+MAX_STOP_STRINGS = 32  # entries of stop / bad_words
+MAX_STOP_CHARS = 1024  # characters of one stop string / bad word
+MAX_TOKEN_ID_LIST = 1024  # entries of stop_token_ids
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_N = 4096  # n and best_of, whatever the cache holds (the engine's own limit is checked later)
 #: Smallest temperature above 0 (greedy): below it, logits / temperature leave float32's range
 #: (1e-46 gave NaN log probs and token 0 repeated); the draws are all but greedy long before.
 MIN_TEMPERATURE = 1e-4
@@ -76,6 +82,10 @@ def _check_str_list(name: str, value: Any) -> list[str]:
             raise InvalidParameterError(name, f"every entry must be a string, got {type(item).__name__} {item!r}")
         if item == "":
             raise InvalidParameterError(name, "empty strings are not allowed")
+        if len(item) > MAX_STOP_CHARS:
+            raise InvalidParameterError(name, f"every entry must be at most {MAX_STOP_CHARS} characters, got {len(item)}")
+    if len(value) > MAX_STOP_STRINGS:
+        raise InvalidParameterError(name, f"at most {MAX_STOP_STRINGS} entries, got {len(value)}")
     return list(value)
 
 
@@ -84,6 +94,8 @@ def _check_token_ids(name: str, value: Any) -> list[int]:
         return []
     if not isinstance(value, (list, tuple)):
         raise InvalidParameterError(name, f"must be a list of token ids, got {type(value).__name__}")
+    if len(value) > MAX_TOKEN_ID_LIST:
+        raise InvalidParameterError(name, f"at most {MAX_TOKEN_ID_LIST} entries, got {len(value)}")
     for item in value:
         _check_int(name, item, minimum=0)
     return list(value)
@@ -96,6 +108,8 @@ def _check_logit_bias(value: Any) -> dict[int, float]:
         return {}
     if not isinstance(value, Mapping):
         raise InvalidParameterError(name, f"must be a mapping of token id to bias, got {type(value).__name__}")
+    if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidParameterError(name, f"at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(value)}")
     out: dict[int, float] = {}
     for key, bias in value.items():
         if isinstance(key, str) and key.strip().isascii() and key.strip().isdigit():  # not "²": int() refuses it
@@ -175,9 +189,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen dataclass: normalised values are written this way
-        _check_int("n", self.n, minimum=1)
+        _check_int("n", self.n, minimum=1, maximum=MAX_N)
         if self.best_of is not None:
-            _check_int("best_of", self.best_of, minimum=self.n)
+            _check_int("best_of", self.best_of, minimum=self.n, maximum=MAX_N)
         set_(self, "temperature", _check_float("temperature", self.temperature))
         if self.temperature < 0:
             raise InvalidParameterError("temperature", f"must be >= 0, got {self.temperature}")

@@ -54,7 +54,7 @@ class ServerContext:
         if self.tokenizer is None:
             raise TokenizerError("this model has no tokenizer: send the prompt as token ids")
         check_unicode(text, field)  # JSON may carry lone surrogates ("\ud800"); tokenizers refuse them
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return self.tokenizer.encode_within(text, self.context_len, field, add_special_tokens=add_special_tokens)
 
     def decode_token(self, token_id: int) -> str:
         if self.tokenizer is None:
