@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests (prompts) that may wait for the batch; beyond it 429 + Retry-After (default 256)")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds SIGTERM / Ctrl-C leaves running requests to finish (new ones get 503); a second "
+                        "signal ends them at once (default 30; 0: at once)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--kv-layout", choices=["bifurcated", "replicated"], default="bifurcated")
@@ -57,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--port", f"must be in [0, 65535], got {args.port}")
     if args.kv_cache_memory is not None and not args.kv_cache_memory > 0:
         raise InvalidParameterError("--kv-cache-memory", "must be > 0 (GiB)")
+    if not args.shutdown_grace >= 0:
+        raise InvalidParameterError("--shutdown-grace", "must be >= 0 (seconds)")
     if args.max_n is not None and args.max_n < 1:
         raise InvalidParameterError("--max-n", "must be >= 1")
     sys.stderr.write(f"forklm serve: loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...\n")
@@ -119,9 +124,24 @@ def run(args: argparse.Namespace) -> int:
             runner.stop()
 
     # The engine loop on the main thread, HTTP beside it (see EngineRunner.run). Signals reach the
-    # main thread: SIGINT and SIGTERM end the loop (its waiters are told), then the HTTP server.
+    # main thread: the first SIGINT / SIGTERM stops admission and lets running requests finish for
+    # --shutdown-grace seconds; a second one (or the end of the grace) ends the loop, whose waiters are
+    # told (engine_stopped), then the HTTP server.
     web = threading.Thread(target=serve_http, name="forklm-http", daemon=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signals = []
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+        if len(signals) == 1 and args.shutdown_grace > 0:
+            sys.stderr.write(f"forklm serve: shutting down: running requests get up to {args.shutdown_grace:g} s "
+                             "to finish, new ones a 503 (a second signal ends them now)\n")
+            sys.stderr.flush()
+            runner.begin_drain(args.shutdown_grace)
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         runner.run(on_ready=web.start)
     except KeyboardInterrupt:

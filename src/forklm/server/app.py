@@ -120,6 +120,8 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
     async def health() -> Response:
         if not runner.alive:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
+        if runner.draining:  # load balancers: stop sending here
+            return JSONResponse({"status": "shutting down"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

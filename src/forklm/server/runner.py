@@ -121,6 +121,7 @@ class EngineRunner:
         self._live: dict[str, _Live] = {}
         self._thread = threading.Thread(target=self._run, name="forklm-engine", daemon=True)
         self._looping = False  # the engine loop runs (in self._thread, or in the thread that called run())
+        self._drain_deadline: float | None = None  # shutting down: no new requests; the loop ends by then
         # read by /metrics from other threads; written by the engine thread only
         self.num_waiting = 0
         self.num_running = 0
@@ -178,6 +179,17 @@ class EngineRunner:
     def alive(self) -> bool:
         return self._looping
 
+    @property
+    def draining(self) -> bool:
+        return self._drain_deadline is not None
+
+    def begin_drain(self, grace_s: float) -> None:
+        """Shut down gently: refuse new requests (503 shutting_down) and end the loop once the running
+        ones finished, or after `grace_s` seconds (what is left then ends with engine_stopped).
+        Safe from a signal handler: it only sets a deadline the loop reads."""
+        self._drain_deadline = time.monotonic() + max(0.0, grace_s)
+        self._inbox.put(("wake", None))
+
     # ---- the handlers' side (asyncio) ----------------------------------------------------------
     async def submit(self, prompts: list[list[int]], texts: list[str | None], params: SamplingParams) -> RequestHandle:
         """Queue one engine request per prompt; returns once the engine accepted them all.
@@ -217,6 +229,12 @@ class EngineRunner:
         try:
             stalled = False
             while True:
+                if self._drain_deadline is not None:
+                    if not self._live:
+                        break
+                    if time.monotonic() >= self._drain_deadline:
+                        reason = "the server is shutting down (its grace period for running requests is over)"
+                        break
                 idle = stalled or not self.engine.has_unfinished()
                 if not self._drain(wait=idle):
                     break
@@ -256,6 +274,8 @@ class EngineRunner:
                 self._add(payload)
             elif kind == "weights":
                 self._update_weights(*payload)
+            elif kind == "wake":
+                pass
             else:
                 self._abort(payload)
             try:
@@ -266,6 +286,9 @@ class EngineRunner:
     def _add(self, sub: _Submission) -> None:
         added: list[str] = []
         try:
+            if self._drain_deadline is not None:
+                raise APIError(503, "the server is shutting down; send the request to another replica",
+                               type="server_error", code="shutting_down")
             if len(sub.request_ids) > self.max_queue:  # could never be queued: not a retry-later 429
                 raise InvalidParameterError(
                     "prompt", f"{len(sub.request_ids)} prompts in one request exceed the server's queue "
@@ -281,7 +304,8 @@ class EngineRunner:
         except Exception as error:  # refused: nothing of this submission stays in the engine
             for rid in added:
                 self.engine.abort(rid)
-            self.metrics.count_rejected("queue_full" if isinstance(error, QueueFullError) else "invalid")
+            reason = "queue_full" if isinstance(error, QueueFullError) else "invalid"
+            self.metrics.count_rejected("shutting_down" if self._drain_deadline is not None else reason)
             self._post(sub.loop, _resolve, sub.accepted, error)
             return
         for i, rid in enumerate(sub.request_ids):
