@@ -134,11 +134,25 @@ def test_bad_request(http, path, body, status, param):
 
 
 EXTREME_BUT_VALID = [
-    {"temperature": 1e-300}, {"temperature": 1e300}, {"top_p": 1e-300}, {"top_k": 10**20}, {"seed": 10**30},
-    {"seed": -5}, {"repetition_penalty": 1e300}, {"repetition_penalty": 1e-300}, {"min_p": 1.0},
-    {"logit_bias": {"5": 100, "6": -100}}, {"stop": ["a"] * 200}, {"prompt": "\x00\ud7ff"}, {"user": "u" * 10000},
+    {"temperature": 1e-4}, {"temperature": 1e300}, {"top_p": 1e-300}, {"top_k": 10**20}, {"seed": 10**30},
+    {"seed": -5}, {"repetition_penalty": 1e4}, {"repetition_penalty": 1e-4}, {"min_p": 1.0},
+    {"logit_bias": {"5": 100, "6": -100}}, {"stop": ["a"] * 32}, {"prompt": "\x00\ud7ff"}, {"user": "u" * 10000},
     {"best_of": MAX_BATCH, "n": MAX_BATCH, "logprobs": 20}, {"no_repeat_ngram_size": 2},
 ]
+# past the stated limits (float32 would overflow, or the lists are longer than allowed): 400s naming them
+EXTREME_REFUSED = [
+    ({"temperature": 1e-300}, "temperature", "0.0001"), ({"repetition_penalty": 1e300}, "repetition_penalty", "10000"),
+    ({"repetition_penalty": 1e-300}, "repetition_penalty", "0.0001"), ({"stop": ["a"] * 200}, "stop", "32"),
+    ({"stop": ["a" * 2000]}, "stop", "1024"), ({"logit_bias": {str(i): 1 for i in range(1100)}}, "logit_bias", "1024"),
+    ({"stop_token_ids": [1] * 1100}, "stop_token_ids", "1024"), ({"n": 5000}, "n", "4096"),
+]
+
+
+@pytest.mark.parametrize("fields, param, limit", EXTREME_REFUSED, ids=[",".join(f[0]) + str(i) for i, f in enumerate(EXTREME_REFUSED)])
+def test_values_past_the_stated_limits_are_400s_naming_them(http, fields, param, limit):
+    r = post(http, *cmpl(**fields))
+    error = assert_error(r, 400, param)
+    assert limit in error["message"], error
 
 
 @pytest.mark.parametrize("fields", EXTREME_BUT_VALID, ids=[",".join(f) for f in EXTREME_BUT_VALID])

@@ -35,6 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests (prompts) that may wait for the batch; beyond it 429 + Retry-After (default 256)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may run from acceptance; past it, it ends with a 408 / a request_timeout "
+                        "error event (default: no limit)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client may take to send its request body before a 408 (default 30)")
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds SIGTERM / Ctrl-C leaves running requests to finish (new ones get 503); a second "
                         "signal ends them at once (default 30; 0: at once)")
@@ -60,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--port", f"must be in [0, 65535], got {args.port}")
     if args.kv_cache_memory is not None and not args.kv_cache_memory > 0:
         raise InvalidParameterError("--kv-cache-memory", "must be > 0 (GiB)")
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise InvalidParameterError("--request-timeout", "must be > 0 (seconds)")
+    if not args.body_timeout > 0:
+        raise InvalidParameterError("--body-timeout", "must be > 0 (seconds)")
     if not args.shutdown_grace >= 0:
         raise InvalidParameterError("--shutdown-grace", "must be >= 0 (seconds)")
     if args.max_n is not None and args.max_n < 1:
@@ -83,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         name, aliases = args.served_model_name or str(args.model), {str(args.model), Path(str(args.model)).name}
     metrics = Metrics(name)
-    runner = EngineRunner(engine, metrics, max_queue=args.max_queue)
+    runner = EngineRunner(engine, metrics, max_queue=args.max_queue, request_timeout=args.request_timeout)
     sys.stderr.write("forklm serve: warming up" + (" (compiling the decode step: tens of seconds on a small CPU)"
                                                   if args.compile else "") + " ...\n")
     sys.stderr.flush()
@@ -100,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_len=shape.max_prompt_len,
         model_aliases=aliases,
     )
-    app = build_app(ctx, api_key=args.api_key)
+    app = build_app(ctx, api_key=args.api_key, body_timeout_s=args.body_timeout)
     sys.stderr.write(
         f"forklm serve: {name} on http://{args.host}:{args.port} ({shape.max_samples} sample rows, "
         f"{shape.max_prompts} prompts, n <= {shape.max_samples_per_prompt}, prompt <= {shape.max_prompt_len} tokens, "

@@ -7,6 +7,7 @@ POST /v1/load_weights (new weights from a safetensors file on the server's disk;
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from contextlib import asynccontextmanager
@@ -20,17 +21,23 @@ from .protocol import ChatCompletionRequest, CompletionRequest, LoadWeightsReque
 
 #: Largest request body accepted (413 beyond it), unless build_app is told otherwise.
 MAX_BODY_BYTES = 32 * 2**20
+#: Seconds a client may take to send its whole body (408 beyond it), unless build_app is told otherwise.
+BODY_TIMEOUT_S = 30.0
+
 
 
 class _Guard:
-    """Pure ASGI middleware: 413 for an oversized body, and a count of responses by path and status.
+    """Pure ASGI middleware: 413 for an oversized body, 408 for a body that does not arrive within
+    body_timeout_s (a client that sends headers and stalls holds nothing past it), and a count of
+    responses by path and status.
 
     (Pure ASGI rather than BaseHTTPMiddleware, which would get between a stream and the
     disconnect it must notice.)
     """
 
-    def __init__(self, app, metrics, max_body_bytes: int, known_paths: set[str]):
+    def __init__(self, app, metrics, max_body_bytes: int, known_paths: set[str], body_timeout_s: float = BODY_TIMEOUT_S):
         self.app, self.metrics, self.max_body_bytes, self.known_paths = app, metrics, max_body_bytes, known_paths
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -49,25 +56,23 @@ class _Guard:
         except ValueError:
             length = -1
         try:
-            if length is not None:
-                if length < 0:
-                    error = APIError(400, "invalid Content-Length header", code="invalid_request")
-                    return await error.response()(scope, receive, counting_send)
-                if length > self.max_body_bytes:
-                    return await self._too_large(scope, receive, counting_send)
-                return await self.app(scope, receive, counting_send)
-            # no Content-Length (chunked): read the body here, counting, then hand it on
-            parts, size, more = [], 0, True
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return None  # the client left before sending its body
-                parts.append(message.get("body", b""))
-                size += len(parts[-1])
-                more = message.get("more_body", False)
-                if size > self.max_body_bytes:
-                    return await self._too_large(scope, receive, counting_send)
-            body, replayed = b"".join(parts), False
+            if length is not None and length < 0:
+                error = APIError(400, "invalid Content-Length header", code="invalid_request")
+                return await error.response()(scope, receive, counting_send)
+            if length is not None and length > self.max_body_bytes:
+                return await self._too_large(scope, receive, counting_send)
+            # the whole body is read here, against the size limit and the clock, then handed on
+            try:
+                body = await asyncio.wait_for(self._read_body(receive), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                error = APIError(408, f"the request body did not arrive within {self.body_timeout_s:g} s",
+                                 code="request_timeout")
+                return await error.response()(scope, receive, counting_send)
+            if body is None:
+                return None  # the client left before sending its body
+            if len(body) > self.max_body_bytes:
+                return await self._too_large(scope, receive, counting_send)
+            replayed = False
 
             async def replay():
                 nonlocal replayed
@@ -80,13 +85,27 @@ class _Guard:
         finally:
             self.metrics.count_http(path, status["code"])
 
+    async def _read_body(self, receive) -> bytes | None:
+        parts, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            parts.append(message.get("body", b""))
+            size += len(parts[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body_bytes:
+                break
+        return b"".join(parts)
+
     async def _too_large(self, scope, receive, send):
         error = APIError(413, f"the request body exceeds the limit ({self.max_body_bytes} bytes)",
                          code="request_too_large")
         await error.response()(scope, receive, send)
 
 
-def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+              body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     """The OpenAI-compatible app over `ctx.runner` (started here, stopped at shutdown)."""
     runner = ctx.runner
 
@@ -150,6 +169,7 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
         return await load_weights(body, ctx)
 
     known = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_weights"}
-    app.add_middleware(_Guard, metrics=runner.metrics, max_body_bytes=max_body_bytes, known_paths=known)
+    app.add_middleware(_Guard, metrics=runner.metrics, max_body_bytes=max_body_bytes, known_paths=known,
+                       body_timeout_s=body_timeout_s)
     return app
 

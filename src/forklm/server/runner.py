@@ -113,10 +113,11 @@ class RequestHandle:
 class EngineRunner:
     """Owns the engine's thread. `submit` and `abort` may be called from any thread or loop."""
 
-    def __init__(self, engine: Engine, metrics: Metrics, max_queue: int):
+    def __init__(self, engine: Engine, metrics: Metrics, max_queue: int, request_timeout: float | None = None):
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
         self.engine, self.metrics, self.max_queue = engine, metrics, max_queue
+        self.request_timeout = request_timeout  # seconds from acceptance; past it a request ends (None: never)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}
         self._thread = threading.Thread(target=self._run, name="forklm-engine", daemon=True)
@@ -238,6 +239,8 @@ class EngineRunner:
                 idle = stalled or not self.engine.has_unfinished()
                 if not self._drain(wait=idle):
                     break
+                if self.request_timeout is not None:
+                    self._expire()
                 stalled = False
                 if self.engine.has_unfinished():
                     produced = self._step()
@@ -324,6 +327,22 @@ class EngineRunner:
         self.metrics.on_weight_update()
         self._update_gauges()
         self._post(loop, _resolve, done, None)
+
+    def _expire(self) -> None:
+        """End the requests accepted more than request_timeout seconds ago (408 / an error event)."""
+        now = time.perf_counter()
+        late = [rid for rid, live in self._live.items() if now - live.sub.submitted_at > self.request_timeout]
+        for rid in late:
+            live = self._live.pop(rid)
+            self.engine.abort(rid)
+            self.engine.pop_output(rid)
+            error = APIError(408, f"the request ran past the server's --request-timeout of {self.request_timeout:g} s",
+                             code="request_timeout")
+            self._post(live.sub.loop, _deliver, [(live.sub.queue, Event(live.prompt_index, [], None, error))])
+        if late:
+            self.metrics.on_aborted(len(late))
+            self.metrics.count_rejected("request_timeout")
+            self._update_gauges()
 
     def _abort(self, request_ids: list[str]) -> None:
         dropped = 0
