@@ -112,9 +112,12 @@ class SafetensorsReader:
         single = folder / "model.safetensors"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError, RecursionError, OSError) as e:  # JSON, UTF-8, shape
+                raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
             self.file_of = {name: folder / shard for name, shard in weight_map.items()}
         elif single.is_file():
             self.file_of = {name: single for name in self._open(single).keys()}
@@ -330,11 +333,15 @@ def weight_updates(cfg: ModelConfig, named_tensors) -> dict[str, Tensor]:
 def read_weights(path: str | os.PathLike):
     """(name, tensor) pairs of a .safetensors file or a Hugging Face folder (sharded or not), read one at
     a time; a missing or unreadable file is a CheckpointError naming it."""
-    path = Path(path).expanduser()
-    if path.is_dir():
+    try:
+        path = Path(path).expanduser()
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except (OSError, RuntimeError, ValueError) as e:  # a name too long, an unknown ~user, a NUL byte
+        raise CheckpointError(f"{str(path)[:200]!r}: not a usable path ({type(e).__name__}: {e})") from None
+    if is_dir:
         reader = SafetensorsReader(path)
         return ((name, reader.get(name)) for name in sorted(reader.names()))
-    if not path.is_file():
+    if not is_file:
         raise CheckpointError(f"{path}: no such file or folder")
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: weights must be a .safetensors file or a folder of them")

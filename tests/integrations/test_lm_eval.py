@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 from server_fixtures import ServerProcess, make_tiny_model  # noqa: E402
 
-lm_eval = pytest.importorskip("lm_eval")
+import lm_eval  # noqa: E402  (test extras)
 
 import forklm.integrations.lm_eval  # noqa: E402,F401  (registers "forklm")
 

@@ -14,8 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 from server_fixtures import make_tiny_model  # noqa: E402
 
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
+import datasets  # noqa: E402  (test extras)
+import trl  # noqa: E402
 
 from forklm import LLM  # noqa: E402
 from forklm.integrations.trl import ForkLMRollout  # noqa: E402
