@@ -89,3 +89,36 @@ def test_llm_progress_counts_requests_and_tokens(model_dir, monkeypatch):
     term.truncate(0)
     llm.generate(["hi"], SamplingParams(max_tokens=2), use_tqdm=False)
     assert term.getvalue().strip("\x00") == ""
+
+
+def test_cli_stream_prints_sample_zero_as_it_comes(model_dir):
+    code, stdout, terminal = _run_with_tty_stderr("generate", str(model_dir), "--prompt", "hello", "-n", "2",
+                                                  "--max-tokens", "6", "--seed", "3", "--stream")
+    assert code == 0, terminal
+    code2, plain, _ = _run_with_tty_stderr("generate", str(model_dir), "--prompt", "hello", "-n", "2",
+                                           "--max-tokens", "6", "--seed", "3")
+    assert stdout.startswith("--- sample 0 (streaming) ---\n") and "--- sample 1 (" in stdout
+    streamed = stdout.split("--- sample 0 (streaming) ---\n")[1].split("\n--- sample 0 (")[0]
+    whole = plain.split("--- sample 0 (")[1].split("\n", 1)[1].split("\n--- sample 1")[0]
+    assert streamed == whole  # the same text, streamed
+
+
+def test_cli_stream_and_json_together_is_one_line_error(model_dir):
+    r = subprocess.run([sys.executable, "-m", "forklm", "generate", str(model_dir), "--prompt", "x", "--stream",
+                        "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--stream" in r.stderr
+
+
+def test_llm_stream_yields_the_same_tokens_as_generate(model_dir):
+    llm = LLM(model_dir)
+    params = SamplingParams(n=3, max_tokens=7, seed=11, temperature=0.9)
+    want = llm.generate(["abc", "xyz"], params)
+    got: dict = {}
+    for prompt, delta in llm.stream(["abc", "xyz"], params):
+        got.setdefault((prompt, delta.index), []).extend(delta.token_ids)
+    assert got == {(p, o.index): o.token_ids for p, r in enumerate(want) for o in r.outputs}
+    # stopping early leaves the engine empty for the next call
+    for _ in llm.stream(["abc"], SamplingParams(max_tokens=50, ignore_eos=True)):
+        break
+    assert not llm._engine.has_unfinished()
+    assert llm.generate(["abc", "xyz"], params)[1].outputs[2].token_ids == want[1].outputs[2].token_ids

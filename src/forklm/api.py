@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from .cpu_linear import pack_linears
 from .engine import Engine, check_context
 from .errors import CapacityError, InvalidParameterError, TokenizerError
 from .kv.storage import CacheShape, KVStorage, bytes_per_token
-from .outputs import RequestOutput
+from .outputs import RequestOutput, SampleDelta
 from .progress import GenerationProgress
 from .sampling import SamplingParams
 from .tokenizer import check_unicode
@@ -214,6 +214,33 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for each prompt (text, or token ids) its n samples; one output per prompt, in order.
         use_tqdm: a progress bar (requests done, tokens/s) on stderr while it is a terminal."""
+        engine, request_ids = self._queue(prompts, sampling_params, prompt_token_ids)
+        for _ in self._steps(engine, request_ids, use_tqdm):
+            pass
+        return [engine.pop_output(rid) for rid in request_ids]
+
+    def stream(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    ) -> Iterator[tuple[int, SampleDelta]]:
+        """`generate`, yielding (prompt index, SampleDelta) as each engine step produces them (text is
+        released as the server streams it: held back only while it could begin a stop string).
+        Stopping the iteration early aborts what is left."""
+        engine, request_ids = self._queue(prompts, sampling_params, prompt_token_ids)
+        index = {rid: i for i, rid in enumerate(request_ids)}
+        try:
+            for deltas in self._steps(engine, request_ids, use_tqdm=False):
+                for d in deltas:
+                    yield index[d.request_id], d
+        finally:
+            for rid in request_ids:
+                engine.abort(rid)
+                engine.pop_output(rid)
+
+    def _queue(self, prompts, sampling_params, prompt_token_ids) -> tuple[Engine, list[str]]:
+        """Check every prompt and its parameters, size the engine, queue one request per prompt."""
         if (prompts is None) == (prompt_token_ids is None):
             raise InvalidParameterError("prompts", "give exactly one of prompts or prompt_token_ids")
         if isinstance(prompts, str):
@@ -225,7 +252,7 @@ class LLM:
         texts = list(prompts) if prompts is not None else [None] * len(prompt_token_ids)
         ids = [self.encode(t) for t in prompts] if prompts is not None else [[int(t) for t in p] for p in prompt_token_ids]
         if not ids:
-            return []
+            return self._engine, []
         params = sampling_params if sampling_params is not None else SamplingParams()
         if isinstance(params, SamplingParams):
             params = [params] * len(ids)
@@ -253,29 +280,40 @@ class LLM:
             rid = str(self._request_counter)
             engine.add_request(rid, prompt_ids, p, prompt=text)
             request_ids.append(rid)
-        progress = GenerationProgress(len(request_ids), enabled=bool(use_tqdm))
+        return engine, request_ids
+
+    @staticmethod
+    def _steps(engine: Engine, request_ids: list[str], use_tqdm: bool) -> Iterator[list[SampleDelta]]:
+        """Step the engine until these requests finished, yielding each step's deltas; on an error or
+        an interrupt the requests are dropped, so the engine is empty for the next call."""
+        progress = GenerationProgress(len(request_ids), enabled=bool(use_tqdm) and bool(request_ids))
         try:
-            while engine.has_unfinished():
+            while request_ids and engine.has_unfinished():
                 deltas = engine.step()
                 progress.update(sum(len(d.token_ids) for d in deltas),
                                 len(request_ids) - engine.num_running - engine.num_waiting)
-        except BaseException:  # interrupted or failed: leave the engine empty for the next call
+                yield deltas
+        except BaseException:
             for rid in request_ids:
                 engine.abort(rid)
                 engine.pop_output(rid)
             raise
         finally:
             progress.close()
-        return [engine.pop_output(rid) for rid in request_ids]
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True) -> RequestOutput:
         """Render `messages` with the model's chat template and generate."""
+        return self.generate(prompt_token_ids=[self.encode_chat(messages)], sampling_params=sampling_params,
+                             use_tqdm=use_tqdm)[0]
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """The prompt token ids of a conversation, rendered by the model's chat template."""
         if self.tokenizer is None:
             raise TokenizerError(f"{self.source} has no tokenizer")
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        return self.generate(prompt_token_ids=[ids], sampling_params=sampling_params, use_tqdm=use_tqdm)[0]
+        return self.tokenizer.encode_within(prompt, self.config.max_position_embeddings, "messages",
+                                            add_special_tokens=False)
 
 
 def _check_texts(prompts) -> None:

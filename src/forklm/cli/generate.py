@@ -25,12 +25,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-layout", choices=["bifurcated", "replicated"], default="bifurcated")
     p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--stream", action="store_true",
+                   help="print sample 0 as it is generated (the other samples when all are done)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..api import LLM
+    from ..errors import InvalidParameterError
     from ..sampling import SamplingParams
 
+    if args.stream and args.json:
+        raise InvalidParameterError("--stream", "cannot be combined with --json (one JSON object at the end)")
     params = SamplingParams(
         n=args.n,
         max_tokens=args.max_tokens,
@@ -46,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_layout=args.kv_layout, compile=args.compile)
     status.say(f"loaded in {time.perf_counter() - t0:.1f} s ({args.dtype}, {args.device})"
                + ("; the first step compiles the model (tens of seconds on a small CPU)" if args.compile else ""))
+    if args.stream:
+        return _stream(llm, args, params)
     if args.chat:
         out = llm.chat([{"role": "user", "content": args.prompt}], params, use_tqdm=show)
     else:
@@ -72,6 +79,29 @@ def run(args: argparse.Namespace) -> int:
     for o in out.outputs:
         sys.stdout.write(f"--- sample {o.index} ({o.finish_reason}, {len(o.token_ids)} tokens) ---\n")
         sys.stdout.write((o.text if o.text is not None else " ".join(map(str, o.token_ids))) + "\n")
+    return 0
+
+
+def _stream(llm, args: argparse.Namespace, params) -> int:
+    """Sample 0's text as the engine produces it; the others, in order, once all are done."""
+    source = dict(prompt_token_ids=[llm.encode_chat([{"role": "user", "content": args.prompt}])]) if args.chat \
+        else dict(prompts=[args.prompt])
+    texts: dict[int, list[str]] = {}
+    tokens: dict[int, int] = {}
+    finish: dict[int, str | None] = {}
+    sys.stdout.write("--- sample 0 (streaming) ---\n")
+    sys.stdout.flush()
+    for _, d in llm.stream(sampling_params=params, **source):
+        tokens[d.index] = tokens.get(d.index, 0) + len(d.token_ids)
+        finish[d.index] = d.finish_reason or finish.get(d.index)
+        if d.index == 0:
+            sys.stdout.write(d.text)
+            sys.stdout.flush()
+        else:
+            texts.setdefault(d.index, []).append(d.text)
+    sys.stdout.write(f"\n--- sample 0 ({finish.get(0)}, {tokens.get(0, 0)} tokens) ---\n")
+    for i in sorted(texts):
+        sys.stdout.write(f"--- sample {i} ({finish.get(i)}, {tokens[i]} tokens) ---\n{''.join(texts[i])}\n")
     return 0
 
 
