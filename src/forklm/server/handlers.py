@@ -24,6 +24,8 @@ from .errors import APIError, from_forklm
 from .protocol import CHAT_RENAME, ChatCompletionRequest, CompletionRequest, LoadWeightsRequest
 from .runner import EngineRunner, RequestHandle
 
+#: Texts at least this long are tokenized off the event loop (a few ms of work and more).
+ASYNC_ENCODE_CHARS = 20_000
 #: How often a non-streaming request checks that its client is still connected.
 DISCONNECT_POLL_S = 0.1
 #: Status logged for a request whose client went away (nginx's convention).
@@ -55,6 +57,12 @@ class ServerContext:
             raise TokenizerError("this model has no tokenizer: send the prompt as token ids")
         check_unicode(text, field)  # JSON may carry lone surrogates ("\ud800"); tokenizers refuse them
         return self.tokenizer.encode_within(text, self.context_len, field, add_special_tokens=add_special_tokens)
+
+    async def encode_async(self, text: str, field: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+        """`encode`; a long text is tokenized in a worker thread, so the event loop keeps streaming."""
+        if len(text) < ASYNC_ENCODE_CHARS:
+            return self.encode(text, field, add_special_tokens)
+        return await asyncio.to_thread(self.encode, text, field, add_special_tokens)
 
     def decode_token(self, token_id: int) -> str:
         if self.tokenizer is None:
@@ -100,7 +108,7 @@ async def create_completion(req: CompletionRequest, http: Request, ctx: ServerCo
     ctx.check_model(req.model)
     prompts, texts = [], []
     for p in req.prompts():
-        prompts.append(ctx.encode(p) if isinstance(p, str) else list(p))
+        prompts.append(await ctx.encode_async(p) if isinstance(p, str) else list(p))
         texts.append(p if isinstance(p, str) else None)
     params = req.to_sampling_params(16, ctx.vocab_size, ctx.max_prompt_len + ctx.max_tokens)
     handle = await ctx.runner.submit(prompts, texts, params)
@@ -181,7 +189,7 @@ async def create_chat_completion(req: ChatCompletionRequest, http: Request, ctx:
     add_generation_prompt = req.add_generation_prompt is not False
     try:
         text = _render_chat(ctx, req.template_messages(), add_generation_prompt)
-        prompt = ctx.encode(text, "messages", add_special_tokens=False)
+        prompt = await ctx.encode_async(text, "messages", add_special_tokens=False)
         room = ctx.context_len - len(prompt)
         if room < 1:
             raise ContextLengthError("messages", f"the conversation ({len(prompt)} tokens) fills the model's "
