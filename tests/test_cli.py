@@ -51,3 +51,12 @@ def test_bad_arguments_exit_2_with_one_line(args, message):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(hf_models):
+    _, folder = hf_models["llama_mha"]
+    r = subprocess.run([sys.executable, "-m", "forklm", "generate", str(folder), "--prompt", b"\xff", "--max-tokens", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not valid Unicode" in lines[0], r.stderr
