@@ -531,14 +531,22 @@ def storm_rows(s: dict) -> list[tuple[str, str]]:
     ]
 
 
-def storm_main(args: argparse.Namespace, argv: list[str] | None) -> int:
-    proc = None
-    url = args.url
-    if args.start_server:
-        proc, url = start_server(args)
+def connect(args: argparse.Namespace):
+    """(server process or None, URL, model id): the server started here when asked, else args.url."""
+    proc, url = start_server(args) if args.start_server else (None, args.url)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
-        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         model = httpx.get(url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    except BaseException:
+        if proc is not None:
+            proc.terminate()
+        raise
+    return proc, url, model
+
+
+def storm_main(args: argparse.Namespace, argv: list[str] | None) -> int:
+    proc, url, model = connect(args)
+    try:
         run = asyncio.run(run_storm(url, args, model, proc.pid if proc is not None else None))
     finally:
         if proc is not None:
@@ -626,13 +634,8 @@ def main(argv: list[str] | None = None) -> int:
             args.tag = time.strftime("%Y%m%d_%H%M%S")
         return storm_main(args, argv)
 
-    proc = None
-    url = args.url
-    if args.start_server:
-        proc, url = start_server(args)
+    proc, url, model = connect(args)
     try:
-        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        model = httpx.get(url + "/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
         before = scrape(url)
         results, wall = asyncio.run(run_load(url, args, model))
         after = scrape(url)
