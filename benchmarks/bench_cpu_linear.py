@@ -2,8 +2,12 @@
 weight shapes of the 110M Llama-shape model (q, k, v, o, gate, up, down x 12 layers + the LM head),
 per row count M, in float32 and bfloat16. Times are one pass over distinct weights shaped and counted
 as the model's (they stream from memory as in a real step); best of `--reps` passes.
+`--quantized` adds PyTorch's own weight-only kernels on the same shapes (issue 11): int8 with
+per-channel scales (`aten._weight_int8pack_mm`) and int4 with groups of 32, scale and zero
+(`aten._weight_int4pack_mm_for_cpu`, the layout GGUF Q4_0 / Q4_1 blocks map onto exactly).
 
     python benchmarks/bench_cpu_linear.py --out benchmarks/results/cpu_linear
+    python benchmarks/bench_cpu_linear.py --quantized --dtypes float32 --ms 1,8,64 --out benchmarks/results/cpu_linear_quantized
 
 Writes OUT.json, OUT.md (the table) and OUT.png (ms per pass vs M, one line per kernel and dtype).
 """
@@ -11,6 +15,7 @@ Writes OUT.json, OUT.md (the table) and OUT.png (ms per pass vs M, one line per 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +41,7 @@ def best_pass_s(fn, reps: int) -> float:
 
 
 @torch.inference_mode()
-def measure(M: int, dtype: torch.dtype, reps: int) -> dict:
+def measure(M: int, dtype: torch.dtype, reps: int, quantized: bool = False) -> dict:
     shapes = [(o, i) for o, i, c in SHAPES for _ in range(c)]
     flops = sum(2 * M * o * i for o, i in shapes)
     xs = {i: torch.randn(M, i, dtype=dtype) for _, i, _ in SHAPES}
@@ -47,10 +52,30 @@ def measure(M: int, dtype: torch.dtype, reps: int) -> dict:
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) for w in dense]
     del dense
     row["packed_ms"] = 1e3 * best_pass_s(lambda: [op(xs[w.shape[1]], w, None) for w in packed], reps)
+    del packed
+    if quantized:
+        row.update(measure_quantized(shapes, xs, reps))
     row["speedup"] = row["f_linear_ms"] / row["packed_ms"]
     row["f_linear_gflops"] = flops / row["f_linear_ms"] / 1e6
     row["packed_gflops"] = flops / row["packed_ms"] / 1e6
     return row
+
+
+def measure_quantized(shapes: list[tuple[int, int]], xs: dict, reps: int) -> dict:
+    """int8 (per-channel) and int4 (groups of 32) weight-only kernels over the same weights' shapes."""
+    group = 32
+    int8 = [(torch.randint(-127, 128, (o, i), dtype=torch.int8), torch.rand(o, dtype=xs[i].dtype) * 0.01)
+            for o, i in shapes]
+    t8 = best_pass_s(lambda: [torch.ops.aten._weight_int8pack_mm(xs[w.shape[1]], w, s) for w, s in int8], reps)
+    del int8
+    int4 = []
+    for o, i in shapes:
+        q = torch.randint(0, 16, (o, i), dtype=torch.int32)
+        scales_zeros = torch.rand(i // group, o, 2, dtype=xs[i].dtype) * 0.01  # [K/G, N, (scale, zero)]
+        int4.append((i, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros))
+    t4 = best_pass_s(lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(xs[i], w, group, sz) for i, w, sz in int4],
+                     max(1, reps // 2))
+    return {"int8_ms": 1e3 * t8, "int4_ms": 1e3 * t4}
 
 
 def main() -> None:
@@ -59,27 +84,32 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="benchmarks/results/cpu_linear")
+    ap.add_argument("--quantized", action="store_true", help="also int8 / int4 weight-only kernels (float32 only)")
     args = ap.parse_args()
     if not packing_available():
         sys.exit("this torch build has no oneDNN weight packing")
     rows = []
     for dt in args.dtypes.split(","):
         for M in map(int, args.ms.split(",")):
-            r = measure(M, getattr(torch, dt), args.reps if M < 1024 else max(2, args.reps // 2))
+            r = measure(M, getattr(torch, dt), args.reps if M < 1024 else max(2, args.reps // 2), args.quantized)
             rows.append(r)
+            quant = f"  int8 {r['int8_ms']:8.1f} ms  int4 {r['int4_ms']:8.1f} ms" if args.quantized else ""
             print(f"{r['dtype']:9s} M={M:5d}  F.linear {r['f_linear_ms']:8.1f} ms ({r['f_linear_gflops']:4.0f} GFLOP/s)"
-                  f"  packed {r['packed_ms']:8.1f} ms ({r['packed_gflops']:4.0f})  x{r['speedup']:.2f}", flush=True)
-    res = {"command": report.command(), "rows": rows, "host": report.host()}
+                  f"  packed {r['packed_ms']:8.1f} ms ({r['packed_gflops']:4.0f})  x{r['speedup']:.2f}{quant}", flush=True)
+    res = {"command": report.command(), "rows": rows, "host": report.host(), "load_avg": list(os.getloadavg())}
     out = Path(args.out)
     report.write(out, res, "CPU linears: F.linear vs oneDNN prepacked",
                  "One pass over the 110M Llama-shape model's decode linears (85 weights, 109.5M parameters), "
                  "best of the passes.",
                  [("dtype", "dtype", "{}"), ("M", "M", "{}"), ("F.linear ms", "f_linear_ms", "{:.1f}"),
                   ("packed ms", "packed_ms", "{:.1f}"), ("speedup", "speedup", "{:.2f}x"),
-                  ("F.linear GFLOP/s", "f_linear_gflops", "{:.0f}"), ("packed GFLOP/s", "packed_gflops", "{:.0f}")], rows)
+                  ("F.linear GFLOP/s", "f_linear_gflops", "{:.0f}"), ("packed GFLOP/s", "packed_gflops", "{:.0f}")]
+                 + ([("int8 w-only ms", "int8_ms", "{:.1f}"), ("int4 w-only ms", "int4_ms", "{:.1f}")] if args.quantized else []),
+                 rows)
     series = [(f"{label} {dt}", [r["M"] for r in rows if r["dtype"] == dt], [r[key] for r in rows if r["dtype"] == dt], style)
               for dt in args.dtypes.split(",")
-              for label, key, style in (("F.linear", "f_linear_ms", "o--"), ("oneDNN packed", "packed_ms", "o-"))]
+              for label, key, style in (("F.linear", "f_linear_ms", "o--"), ("oneDNN packed", "packed_ms", "o-"))
+              + ((("int8 weight-only", "int8_ms", "s:"), ("int4 weight-only", "int4_ms", "^:")) if args.quantized else ())]
     report.plot(out.with_suffix(".png"), series, "rows M", "ms per pass over the decode linears",
                 "CPU linears, 110M Llama shape")
     print(f"wrote {out}.json, .md, .png")
