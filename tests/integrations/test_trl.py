@@ -100,3 +100,36 @@ def test_grpo_trainer_with_forklm_rollout(tmp_path, monkeypatch):
     # samples of one prompt differ (each its own random stream)
     groups = [tuple(map(tuple, first["out"]["completion_ids"][i:i + G])) for i in range(0, PER_BATCH * G, G)]
     assert all(len(set(g)) > 1 for g in groups)
+
+
+def test_conversational_prompts_are_tokenized_as_the_trainer_does(tmp_path, monkeypatch):
+    """Chat-format prompts: the rollout renders them with the trainer's own processing class and chat
+    template, so its prompt_ids are exactly TRL's (`_tokenize_prompts`)."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    folder = make_tiny_model(tmp_path / "policy")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = tokenizer.eos_token
+    rollout = ForkLMRollout(LLM(folder))
+    seen = []
+
+    def recording_rollout(prompts, trainer):
+        out = rollout(prompts, trainer)
+        seen.append((prompts, out, trainer._tokenize_prompts(prompts)[0]))
+        return out
+
+    chats = [[{"role": "user", "content": p}] for p in PROMPTS[:2]]
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2 * G, num_generations=G,
+        max_completion_length=6, max_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=0,
+        bf16=False, disable_tqdm=True)
+    trainer = trl.GRPOTrainer(
+        model=str(folder), reward_funcs=lambda completions, **kw: [1.0 * len(c) for c in completions], args=args,
+        processing_class=tokenizer, train_dataset=datasets.Dataset.from_dict({"prompt": chats}),
+        rollout_func=recording_rollout)
+    trainer.train()
+    prompts, out, theirs = seen[0]
+    assert [list(x) for x in theirs] == out["prompt_ids"]
+    assert all("<|im_start|>assistant" in tokenizer.decode(ids) for ids in out["prompt_ids"])
+    assert len(out["completion_ids"]) == len(prompts) == 2 * G
