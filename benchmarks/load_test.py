@@ -409,6 +409,7 @@ async def run_storm(url: str, args: argparse.Namespace, model: str, pid: int | N
             await asyncio.sleep(0.2)
         await asyncio.sleep(max(0.0, storm_end + args.settle - time.monotonic()))
         rss_settled = read_rss(pid)
+        idle_cpu = await idle_cpu_share(pid, args.idle_seconds)
         seeded_after = await seeded()
         health = (await http.get("/health")).status_code
         metrics_after = scrape(url, STORM_SCRAPED)
@@ -419,8 +420,22 @@ async def run_storm(url: str, args: argparse.Namespace, model: str, pid: int | N
         "rss": {"before": rss_before, "after": rss_after, f"after_{args.settle:g}s_settle": rss_settled},
         "loadavg": {"before": load_before, "after_storm": load_after_storm, "after": load_after},
         "metrics_delta": {k: v - metrics_before.get(k, 0.0) for k, v in metrics_after.items()},
-        "health_after": health,
+        "health_after": health, "idle_cpu_share": idle_cpu,
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, all threads
+
+
+async def idle_cpu_share(pid: int | None, seconds: float) -> float | None:
+    """The share of one core the server uses while nobody asks anything, after the storm."""
+    if pid is None or seconds <= 0:
+        return None
+    start_cpu, start = cpu_seconds(pid), time.monotonic()
+    await asyncio.sleep(seconds)
+    return (cpu_seconds(pid) - start_cpu) / (time.monotonic() - start)
 
 
 STORM_SCRAPED = SCRAPED + ("forklm_requests_submitted_total", "forklm_requests_rejected_total",
@@ -484,6 +499,7 @@ def summarize_storm(run: dict, args: argparse.Namespace) -> dict:
         "seeded_request": {**SEEDED, "before": run["seeded_before"], "after": run["seeded_after"],
                            "identical": run["seeded_before"] == run["seeded_after"]},
         "health_after": run["health_after"],
+        "idle_cpu_share_of_one_core": run["idle_cpu_share"],
         "loadavg": run["loadavg"],
         "checks": checks,
         "ok": all(checks.values()),
@@ -523,6 +539,8 @@ def storm_rows(s: dict) -> list[tuple[str, str]]:
         ("server RSS MiB before", rss("before")),
         ("server RSS MiB right after", rss("after")),
         ("server RSS MiB after settle", rss(next(k for k in s["rss_mib"] if k.endswith("settle")))),
+        ("idle CPU after, share of one core", "-" if s["idle_cpu_share_of_one_core"] is None
+         else f"{s['idle_cpu_share_of_one_core']:.4f}"),
         ("seeded request identical before / after", "yes" if s["seeded_request"]["identical"] else "NO"),
         ("/health after", str(s["health_after"])),
         ("load average before / after (1, 5, 15 min)",
@@ -623,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     storm.add_argument("--disconnect-fraction", type=float, default=1 / 3,
                        help="clients that close their stream after k tokens, k in 1..n*max_tokens/2 (default 1/3)")
     storm.add_argument("--settle", type=float, default=5.0, help="seconds after the storm of the last RSS reading")
+    storm.add_argument("--idle-seconds", type=float, default=10.0,
+                       help="seconds over which the idle server's CPU use is measured after the storm (default 10)")
     storm.add_argument("--zero-timeout", type=float, default=30.0,
                        help="seconds the running/waiting gauges may take to return to 0")
     storm.add_argument("--tag", default=None, help="results go to storm_<tag>.json/.md (default: the time)")
