@@ -122,3 +122,17 @@ def test_llm_stream_yields_the_same_tokens_as_generate(model_dir):
         break
     assert not llm._engine.has_unfinished()
     assert llm.generate(["abc", "xyz"], params)[1].outputs[2].token_ids == want[1].outputs[2].token_ids
+
+
+def test_a_second_call_while_a_stream_runs_is_a_busy_error(model_dir):
+    from forklm.errors import BusyError
+
+    llm = LLM(model_dir)
+    stream = llm.stream(["abc"], SamplingParams(max_tokens=20, ignore_eos=True))
+    next(stream)
+    with pytest.raises(BusyError):
+        llm.generate(["xyz"], SamplingParams(max_tokens=2))
+    with pytest.raises(BusyError):
+        next(llm.stream(["xyz"], SamplingParams(max_tokens=2)))
+    stream.close()  # closing frees the engine
+    assert len(llm.generate(["xyz"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids) == 2

@@ -125,3 +125,12 @@ def test_update_with_cached_prefix_in_use_detaches_it(hf_models):
     assert storage.free_tokens == used + 2  # the unpinned one is freed now
     cache.unlock(held)
     assert storage.free_tokens == used + 7 and cache.nodes() == []  # the pinned one when released
+
+
+def test_offloaded_or_non_tensor_updates_are_refused(hf_models):
+    _, folder = hf_models["llama_mha"]
+    llm = LLM(folder)
+    with pytest.raises(CheckpointError, match="no dense values"):
+        llm.update_weights({"model.norm.weight": torch.empty(64, device="meta")})
+    with pytest.raises(CheckpointError, match="pairs or a state_dict"):
+        llm.update_weights(None)

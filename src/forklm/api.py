@@ -13,7 +13,7 @@ from .checkpoint import apply_weight_updates, load_checkpoint, weight_updates
 from .compile import bucket
 from .cpu_linear import pack_linears
 from .engine import Engine, check_context
-from .errors import CapacityError, InvalidParameterError, TokenizerError
+from .errors import BusyError, CapacityError, CheckpointError, InvalidParameterError, TokenizerError
 from .kv.storage import CacheShape, KVStorage, bytes_per_token
 from .outputs import RequestOutput, SampleDelta
 from .progress import GenerationProgress
@@ -190,6 +190,9 @@ class LLM:
         calls. Returns the number of forklm parameters replaced."""
         if isinstance(named_tensors, dict):
             named_tensors = named_tensors.items()
+        if isinstance(named_tensors, (str, bytes)) or not hasattr(named_tensors, "__iter__"):
+            raise CheckpointError(f"update_weights: expected (name, tensor) pairs or a state_dict, got "
+                                  f"{type(named_tensors).__name__}")
         updates = weight_updates(self.config, named_tensors)
         if self._engine is not None:
             self._engine.update_weights(updates)
@@ -241,6 +244,9 @@ class LLM:
 
     def _queue(self, prompts, sampling_params, prompt_token_ids) -> tuple[Engine, list[str]]:
         """Check every prompt and its parameters, size the engine, queue one request per prompt."""
+        if self._engine is not None and self._engine.has_unfinished():
+            raise BusyError("this LLM is still running a stream: iterate it to its end or close() it first "
+                            "(one LLM runs one call at a time)")
         if (prompts is None) == (prompt_token_ids is None):
             raise InvalidParameterError("prompts", "give exactly one of prompts or prompt_token_ids")
         if isinstance(prompts, str):

@@ -319,6 +319,9 @@ def weight_updates(cfg: ModelConfig, named_tensors) -> dict[str, Tensor]:
             raise CheckpointError(f"weight update: {hf_name!r} is not a tensor of this {cfg.model_type} model")
         if not tensor.is_floating_point():
             raise CheckpointError(f"weight update: {hf_name!r} has dtype {tensor.dtype}, not a floating point one")
+        if tensor.is_meta or tensor.layout != torch.strided:  # offloaded (meta) or sparse: no values to copy
+            raise CheckpointError(f"weight update: {hf_name!r} holds no dense values (device {tensor.device}, "
+                                  f"layout {tensor.layout}); gather offloaded weights first")
         for mine in mine_names:
             value = rules[mine][1](tensor.detach())
             if tuple(value.shape) != shapes[mine]:

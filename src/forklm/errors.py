@@ -41,5 +41,9 @@ class CapacityError(ForklmError):
         super().__init__(message)
 
 
+class BusyError(ForklmError):
+    """The LLM is still running another call (a stream that was neither finished nor closed)."""
+
+
 class ServeError(ForklmError):
     """The HTTP server could not start (an address in use, a port refused)."""

@@ -177,3 +177,41 @@ def test_forklm_lm_eval_command(setup, tmp_path):
     assert "forklm_tiny_scored" in r.stdout and "perplexity" in r.stdout
     results = list((tmp_path / "out").rglob("results_*.json"))
     assert results and "forklm_tiny_scored" in json.loads(results[0].read_text())["results"]
+
+
+def test_long_inputs_are_cut_as_the_harness_cuts_them(setup):
+    """Longer than the context: rolling windows and a left-truncated pair, at the default max_length,
+    equal transformers on the same windows."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from forklm.integrations.lm_eval import ForkLMEval
+
+    model_dir, _ = setup
+    lm = ForkLMEval(pretrained=str(model_dir))
+    assert lm.max_length == 256 - 2  # the tiny model's context, less the scored-then-generated token
+    score, encode, bos = _hf_reference(model_dir)
+    text = "".join(chr(ord("a") + (i * 7) % 26) + (" " if i % 5 == 4 else "") for i in range(700))
+    (got,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    windows = list(map(make_disjoint_window, get_rolling_token_windows(
+        token_list=encode(text), prefix_token=bos, max_seq_len=lm.max_length, context_len=1)))
+    assert len(windows) >= 3
+    want = sum(score(ctx, cont)[0] for ctx, cont in windows)
+    assert abs(got - want) < 1e-3, (got, want)
+
+    context, continuation = text[:400], " xyz"
+    ((lp, greedy),) = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    seq = (encode(context) + encode(continuation))[-(lm.max_length + 1):]
+    want_lp, want_greedy = score(seq[:-4], seq[-4:])
+    assert abs(lp - want_lp) < 1e-4 and greedy == want_greedy
+
+
+def test_generation_arguments_are_read_as_the_harness_reads_them(setup):
+    from forklm.integrations.lm_eval import ForkLMEval
+
+    model_dir, _ = setup
+    lm = ForkLMEval(pretrained=str(model_dir))
+    p = lm._sampling_params({"temperature": 0.7, "until": "\n", "max_tokens": 5}, n=2)
+    assert (p.temperature, p.max_tokens, p.stop, p.n) == (0.7, 5, ["\n"], 2)  # no do_sample: sampled at 0.7
+    p = lm._sampling_params({"do_sample": False, "temperature": 0.7, "max_gen_toks": 10**6}, n=1)
+    assert p.temperature == 0.0 and p.max_tokens == lm.max_length  # clamped to what the context holds

@@ -56,7 +56,7 @@ def fuzz_settings(max_examples: int):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     folder = make_tiny_model(tmp_path_factory.mktemp("tiny_fuzz"))
-    srv = ServerProcess(folder, "--max-batch", str(MAX_BATCH), "--max-prompts", str(MAX_PROMPTS),
+    srv = ServerProcess(folder, "--enable-load-weights", "--max-batch", str(MAX_BATCH), "--max-prompts", str(MAX_PROMPTS),
                         "--max-tokens", str(MAX_TOKENS), "--max-prompt-len", str(MAX_PROMPT_LEN),
                         "--max-queue", str(MAX_QUEUE))
     yield srv

@@ -26,7 +26,8 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folders):
-    srv = ServerProcess(folders[0], "--api-key", KEY, "--max-batch", "4", "--max-prompt-len", "64", "--max-tokens", "16")
+    srv = ServerProcess(folders[0], "--api-key", KEY, "--enable-load-weights", "--max-batch", "4", "--max-prompt-len", "64",
+                        "--max-tokens", "16")
     yield srv
     srv.stop()
 
@@ -83,3 +84,13 @@ def test_load_weights(server, folders, tmp_path):
 
     metrics = httpx.get(server.url + "/metrics").text
     assert "forklm_weight_updates_total 1" in metrics
+
+
+def test_load_weights_is_off_unless_enabled(folders):
+    srv = ServerProcess(folders[0], "--max-batch", "2", "--max-prompt-len", "64", "--max-tokens", "8")
+    try:
+        r = httpx.post(srv.url + "/v1/load_weights", json={"path": str(folders[1] / "model.safetensors")}, timeout=30)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "load_weights_disabled", r.text
+        assert "--enable-load-weights" in r.json()["error"]["message"]
+    finally:
+        srv.stop()

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask (default 512)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests (prompts) that may wait for the batch; beyond it 429 + Retry-After (default 256)")
+    p.add_argument("--enable-load-weights", action="store_true",
+                   help="accept POST /v1/load_weights (new weights from a safetensors file on this machine); "
+                        "off by default; give --api-key with it")
     p.add_argument("--request-timeout", type=float, default=None,
                    help="seconds a request may run from acceptance; past it, it ends with a 408 / a request_timeout "
                         "error event (default: no limit)")
@@ -109,7 +112,11 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_len=shape.max_prompt_len,
         model_aliases=aliases,
     )
-    app = build_app(ctx, api_key=args.api_key, body_timeout_s=args.body_timeout)
+    if args.enable_load_weights and not args.api_key:
+        sys.stderr.write("forklm serve: warning: --enable-load-weights without --api-key: anyone who reaches the "
+                         "port can replace the weights\n")
+    app = build_app(ctx, api_key=args.api_key, body_timeout_s=args.body_timeout,
+                    enable_load_weights=args.enable_load_weights)
     sys.stderr.write(
         f"forklm serve: {name} on http://{args.host}:{args.port} ({shape.max_samples} sample rows, "
         f"{shape.max_prompts} prompts, n <= {shape.max_samples_per_prompt}, prompt <= {shape.max_prompt_len} tokens, "

@@ -86,8 +86,10 @@ class Engine:
     def update_weights(self, updates: dict[str, Tensor]) -> None:
         """New weights (from checkpoint.weight_updates), from the next step on; every cached prefix is
         forgotten. Running requests go on over the K/V they already have."""
-        apply_weight_updates(self.model, updates)
-        self.prefix_cache.invalidate()
+        try:
+            apply_weight_updates(self.model, updates)
+        finally:  # even a copy that failed part-way changed some weights: no cached K/V is trusted after it
+            self.prefix_cache.invalidate()
 
     def set_eos_token_ids(self, ids: list[int]) -> None:
         """The tokens that end a sample (requests admitted from now on)."""

@@ -13,7 +13,9 @@ The harness discovers models only among its own modules, so on the command line 
 What each request type does:
 - loglikelihood: context + continuation tokenized as the harness's HF model does (`_encode_pair`),
   scored with prompt log probs (no sampling), batched by total tokens; is_greedy when every
-  continuation token is the most likely one.
+  continuation token is the most likely one. Over-long pairs are cut from the left to max_length + 1
+  tokens, as the harness's HF model cuts them; max_length is at most the model's context - 2 (forklm
+  scores the sequence and generates one token after it).
 - loglikelihood_rolling: the harness's disjoint rolling windows of the model's context, each scored
   the same way, summed.
 - generate_until: the harness's `until` strings become stop strings; identical requests (a task's
@@ -35,6 +37,7 @@ import lm_eval.models  # noqa: F401  (the harness's own models first: it loads t
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.models.utils import normalize_gen_kwargs
 
 from ..api import LLM
 from ..errors import InvalidParameterError
@@ -77,7 +80,12 @@ class ForkLMEval(TemplateLM):
         if self.llm.tokenizer is None:
             raise InvalidParameterError("pretrained", f"{self.llm.source} has no tokenizer; lm-eval needs one")
         self._tok = self.llm.tokenizer
-        self._max_length = int(max_length) if max_length is not None else self.llm.config.max_position_embeddings
+        # a scored sequence is max_length + 1 tokens (the harness's window: max_length of context for the
+        # last token), and forklm generates one token after it: so at most the model's context - 2
+        longest = self.llm.config.max_position_embeddings - 2
+        self._max_length = min(int(max_length), longest) if max_length is not None else longest
+        if max_length is not None and int(max_length) > longest:
+            log.warning("forklm lm-eval model: max_length %s lowered to %d (the model's context - 2)", max_length, longest)
         self.max_gen_toks, self.seed = int(max_gen_toks), int(seed)
         self.add_bos_token = None if add_bos_token is None else _flag(add_bos_token)
         self._pretrained = str(pretrained) if pretrained is not None else self.llm.source
@@ -122,10 +130,13 @@ class ForkLMEval(TemplateLM):
         """(context ids, continuation ids) -> (sum of the continuation's log probs, all greedy)."""
         seqs = []
         for ctx, cont in pairs:
-            if not cont:
-                raise InvalidParameterError("continuation", "an empty continuation cannot be scored")
-            full = (ctx + cont)[-(self.max_length + 1):]  # left-truncated to the model's context
-            seqs.append(full[:-1] if len(full) > self.max_length else full)
+            # the last max_length + 1 tokens: each continuation token scored after at most max_length others
+            seqs.append((ctx + cont)[-(self.max_length + 1):])
+        empty = [i for i, (_, cont) in enumerate(pairs) if not cont]  # nothing to score: log p = 0, greedy
+        if empty:
+            keep = [i for i in range(len(pairs)) if pairs[i][1]]
+            scored = dict(zip(keep, self._score([pairs[i] for i in keep]))) if keep else {}
+            return [scored.get(i, (0.0, True)) for i in range(len(pairs))]
         budget = max(1, SCORING_LOGITS_BYTES // (4 * self.llm.config.vocab_size))
         results: list[tuple[float, bool]] = []
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
@@ -137,9 +148,8 @@ class ForkLMEval(TemplateLM):
                 stop += 1
             outs = self.llm.generate(prompt_token_ids=seqs[start:stop], sampling_params=params, use_tqdm=False)
             for (ctx, cont), seq, out in zip(pairs[start:stop], seqs[start:stop], outs):
-                n = min(len(cont), len(seq) - 1)
-                entries = out.prompt_logprobs[len(seq) - n:]
-                picked = [entry[tok] for entry, tok in zip(entries, seq[len(seq) - n:])]
+                n = min(len(cont), len(seq) - 1)  # the continuation's tokens that have a position to score
+                picked = [entry[tok] for entry, tok in zip(out.prompt_logprobs[len(seq) - n:], seq[len(seq) - n:])]
                 results.append((sum(p.logprob for p in picked), all(p.rank == 1 for p in picked)))
             start = stop
         return results
@@ -169,14 +179,14 @@ class ForkLMEval(TemplateLM):
 
     # ---- generation ---------------------------------------------------------------------------------
     def _sampling_params(self, gen_kwargs: dict, n: int) -> SamplingParams:
-        kw = dict(gen_kwargs)
-        until = kw.pop("until", None)
-        until = [until] if isinstance(until, str) else list(until or [])
+        """The harness's generation arguments, read as its own backends read them (`normalize_gen_kwargs`:
+        the max-token aliases, do_sample / temperature), then mapped onto SamplingParams."""
+        kw = dict(normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=self.max_gen_toks))
         eos_text = self._tok.decode([self.eot_token_id], skip_special_tokens=False)
-        stop = [s for s in until if s and s != eos_text]
-        max_tokens = int(kw.pop("max_gen_toks", kw.pop("max_new_tokens", self.max_gen_toks)))
-        do_sample = _flag(kw.pop("do_sample", False))
-        temperature = float(kw.pop("temperature", 1.0))
+        stop = [s for s in kw.pop("until") if s and s != eos_text]
+        max_tokens = max(1, min(int(kw.pop("max_gen_toks")), self.max_length))
+        do_sample = bool(kw.pop("do_sample"))
+        temperature = float(kw.pop("temperature", 0.0))
         values = dict(n=n, max_tokens=max_tokens, stop=stop, temperature=temperature if do_sample else 0.0,
                       seed=self.seed)
         for name, cast in _GEN_KWARGS.items():

@@ -6,8 +6,10 @@ list, `prompt_ids`, `completion_ids` and `logprobs` (one float per completion to
 groups identical prompts into one request with n = their count, so each prompt is prefilled once
 and its samples decode over one shared copy of its K/V. The log probs are those of the processed
 distribution the tokens were drawn from (penalties, temperature, top-k, top-p, min-p applied),
-which is what TRL's importance-sampling correction compares against (vLLM's
-`logprobs_mode="processed_logprobs"`). When the trainer's global step has moved since the last
+as vLLM's `logprobs_mode="processed_logprobs"` reports them. TRL 1.16 applies its importance-
+sampling correction only with `use_vllm=True`; with a rollout_func it keeps them (for your reward
+functions and logs) but does not correct by them, which is exact here only because the rollout
+samples from the policy's current weights (synced every step) in float32. When the trainer's global step has moved since the last
 call, the policy's weights are copied into forklm first (`LLM.update_weights`), so every rollout
 is sampled from the current policy.
 

@@ -105,7 +105,7 @@ class _Guard:
 
 
 def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
-              body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
+              body_timeout_s: float = BODY_TIMEOUT_S, enable_load_weights: bool = False) -> FastAPI:
     """The OpenAI-compatible app over `ctx.runner` (started here, stopped at shutdown)."""
     runner = ctx.runner
 
@@ -166,6 +166,9 @@ def build_app(ctx: ServerContext, api_key: str | None = None, max_body_bytes: in
 
     @app.post("/v1/load_weights", dependencies=auth)
     async def load_weights_route(body: LoadWeightsRequest) -> Response:
+        if not enable_load_weights:  # it replaces the served model from the server's disk: opt in
+            raise APIError(403, "POST /v1/load_weights is off; start the server with --enable-load-weights "
+                                "(and --api-key)", code="load_weights_disabled")
         return await load_weights(body, ctx)
 
     known = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_weights"}
