@@ -13,7 +13,16 @@ from .checkpoint import apply_weight_updates, load_checkpoint, weight_updates
 from .compile import bucket
 from .cpu_linear import pack_linears
 from .engine import Engine, check_context
-from .errors import BusyError, CapacityError, CheckpointError, InvalidParameterError, TokenizerError
+from .engine.speculative import SpeculativeConfig
+from .errors import (
+    BusyError,
+    CapacityError,
+    CheckpointError,
+    InvalidParameterError,
+    ModelNotAvailableError,
+    TokenizerError,
+    UnsupportedModelError,
+)
 from .kv.storage import CacheShape, KVStorage, bytes_per_token
 from .outputs import RequestOutput, SampleDelta
 from .progress import GenerationProgress
@@ -57,6 +66,10 @@ class LLM:
     enable_prefix_caching: reuse the K/V of any prompt prefix (and finished samples) already computed,
         across prompts and calls; off, each prompt is computed afresh and freed when it finishes.
     prefill_chunk_tokens: prompt tokens prefilled per engine step (None: whole prompts at once).
+    speculative_config: speculative decoding, vLLM's keys (engine/speculative/config.py), e.g.
+        {"method": "ngram", "num_speculative_tokens": 4} or
+        {"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}; outputs are the same
+        tokens and log probs as without it.
     """
 
     def __init__(
@@ -70,7 +83,12 @@ class LLM:
         kv_cache_memory: float | None = None,
         enable_prefix_caching: bool = True,
         prefill_chunk_tokens: int | None = None,
+        speculative_config: dict | str | SpeculativeConfig | None = None,
     ):
+        speculative = SpeculativeConfig.parse(speculative_config)
+        if speculative is not None and compile:
+            raise InvalidParameterError("speculative_config", "is not supported with compile=True yet (verify steps "
+                                        "feed a varying number of tokens, which a compiled step would recompile for)")
         if dtype not in DTYPES:
             raise InvalidParameterError("dtype", f"{dtype!r} is not one of {sorted(DTYPES)}")
         if kv_layout not in KV_LAYOUTS:
@@ -103,6 +121,29 @@ class LLM:
         self.eos_token_ids = ckpt.eos_token_ids
         self.source = ckpt.source
         self._request_counter = 0
+        self.speculative = speculative
+        self.draft_model = None
+        if speculative is not None and speculative.method == "draft_model":
+            self.draft_model = self._load_draft(speculative.model)
+
+    def _load_draft(self, path: str):
+        """The draft model, checked to share this model's vocabulary."""
+        field = "speculative_config.model"
+        try:
+            draft = load_checkpoint(path, self.dtype, self.device)
+        except (CheckpointError, UnsupportedModelError, ModelNotAvailableError, OSError) as e:
+            raise InvalidParameterError(field, f"the draft model {path!r} could not be loaded: {e}") from None
+        cfg = draft.config
+        if cfg.vocab_size != self.config.vocab_size:
+            raise InvalidParameterError(field, f"the draft model's vocabulary ({cfg.vocab_size} tokens) differs from "
+                                        f"the target's ({self.config.vocab_size})")
+        if not _same_tokenizer(draft.tokenizer, self.tokenizer, cfg.vocab_size):
+            raise InvalidParameterError(field, "the draft model's tokenizer differs from the target's: drafts would "
+                                        "be other tokens")
+        if self.device.type == "cpu":
+            pack_linears(draft.model)
+        log.info("draft model %s: %d layers", draft.source, cfg.n_layers)
+        return draft.model
 
     # ---- engines --------------------------------------------------------------------------
     def cache_bytes(self, shape: CacheShape) -> int:
@@ -140,7 +181,8 @@ class LLM:
         row_len = shape.max_new_tokens + (shape.max_prompt_len if self.kv_layout == "replicated" else 0)
         storage = KVStorage(self.config, shape, row_len, budget, self.dtype, self.device)
         args = dict(compile=self.compile, replicated=self.kv_layout == "replicated",
-                    enable_prefix_caching=self.enable_prefix_caching, prefill_chunk_tokens=self.prefill_chunk_tokens)
+                    enable_prefix_caching=self.enable_prefix_caching, prefill_chunk_tokens=self.prefill_chunk_tokens,
+                    speculative=self.speculative, draft_model=self.draft_model)
         args.update(engine_args)
         return Engine(self.model, storage, shape, self.tokenizer, self.eos_token_ids, **args)
 
@@ -320,6 +362,20 @@ class LLM:
         prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         return self.tokenizer.encode_within(prompt, self.config.max_position_embeddings, "messages",
                                             add_special_tokens=False)
+
+
+_PROBE_TEXT = "def speculative(x):\n    return [x ** 2 for _ in range(10)]  # Grüße, 東京, 🙂 naïve café"
+
+
+def _same_tokenizer(a, b, vocab_size: int) -> bool:
+    """Two tokenizers give the same ids: same size, same ids for a probe text, same text for spaced ids
+    (a cheap check, not a proof); two models without tokenizers only have their sizes compared."""
+    if a is None or b is None:
+        return a is None and b is None
+    if a.vocab_size != b.vocab_size or a.encode(_PROBE_TEXT) != b.encode(_PROBE_TEXT):
+        return False
+    ids = list(range(0, min(vocab_size, a.vocab_size), max(1, vocab_size // 512)))
+    return all(a.decode([i], skip_special_tokens=False) == b.decode([i], skip_special_tokens=False) for i in ids)
 
 
 def _check_texts(prompts) -> None:

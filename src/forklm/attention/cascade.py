@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..kv.plan import DecodePlan, LevelGroup, PrefillChunk
 from ..kv.storage import SamplePool, write_at
-from .ops import attention_with_lse, causal_attention, causal_attention_with_lse, merge_with_lse
+from .ops import attention_with_lse, attention_with_lse_per_query, causal_attention, causal_attention_with_lse, merge_with_lse
 
 
 def _level_pass(q: Tensor, k: Tensor, v: Tensor, length: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -67,26 +67,34 @@ class DecodeAttention:
         return buf[0], buf[1]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        # q [B, H, 1, D]; k, v [B, Hkv, 1, D]
+        # q [N, H, 1, D]; k, v [N, Hkv, 1, D]: one query token per row, or several (a verified draft)
         plan, pool = self.plan, self.pool
         kp, vp = pool.k[layer], pool.v[layer]  # [S, Hkv, T, D]
         write_at(kp, plan.pool_rows, plan.write_pos, k[:, :, 0])  # written before attending: no level is empty
         write_at(vp, plan.pool_rows, plan.write_pos, v[:, :, 0])
         b, h, _, d = q.shape
         hkv = k.shape[1]
+        g = h // hkv
         scale = d**-0.5
-        q = q[:, :, 0]  # [B, H, D]
+        q = q[:, :, 0]  # [N, H, D]
         r, w = plan.pool_len.shape[0], plan.window
-        if plan.dense:
-            qp = q
+        if plan.query_len is not None:  # several tokens per row: the [R, Q] grid, causal within a row
+            nq = plan.query_len.shape[1]
+            qp = q.new_zeros(r * nq, h, d).index_copy_(0, plan.grid_index, q)  # [R*Q, H, D]
+            qp = qp.reshape(r, nq, hkv, g, d).permute(0, 2, 1, 3, 4).reshape(r, hkv, nq * g, d)  # [R, Hkv, Q*G, D]
+            valid = plan.query_len.repeat_interleave(g, dim=1)  # [R, Q*G]: query j*G + g
+            out, lse = attention_with_lse_per_query(qp, kp[:r, :, :w], vp[:r, :, :w], valid, scale)
+            out = out.reshape(r, hkv, nq, g, d).permute(0, 2, 1, 3, 4).reshape(r * nq, h, d)  # [R*Q, H, D]
+            lse = lse.reshape(r, hkv, nq, g).permute(0, 2, 1, 3).reshape(r * nq, h)  # [R*Q, H]
+            out, lse = out[plan.grid_index], lse[plan.grid_index]  # [N, H, D], [N, H]
         else:
-            qp = q.new_zeros(r, h, d).index_copy_(0, plan.pool_rows, q)  # [R, H, D] in pool order
-        out, lse = attention_with_lse(
-            qp.reshape(r, hkv, h // hkv, d), kp[:r, :, :w], vp[:r, :, :w], plan.pool_len, scale
-        )  # [R, Hkv, G, D], [R, Hkv, G]
-        out, lse = out.reshape(r, h, d), lse.reshape(r, h)  # [R, H, D], [R, H]
-        if not plan.dense:
-            out, lse = out[plan.pool_rows], lse[plan.pool_rows]  # [B, H, D], [B, H]
+            qp = q if plan.dense else q.new_zeros(r, h, d).index_copy_(0, plan.pool_rows, q)  # [R, H, D] pool order
+            out, lse = attention_with_lse(
+                qp.reshape(r, hkv, g, d), kp[:r, :, :w], vp[:r, :, :w], plan.pool_len, scale
+            )  # [R, Hkv, G, D], [R, Hkv, G]
+            out, lse = out.reshape(r, h, d), lse.reshape(r, h)  # [R, H, D], [R, H]
+            if not plan.dense:
+                out, lse = out[plan.pool_rows], lse[plan.pool_rows]  # [B, H, D], [B, H]
         qz = None
         for i, group in enumerate(plan.groups):
             if group.query_index is None:  # one segment: read in place
@@ -95,7 +103,7 @@ class DecodeAttention:
                 o, l = _level_pass(q[group.rows], seg.k(layer)[:, :n], seg.v(layer)[:, :n], group.lengths, scale)
             else:
                 if qz is None:
-                    qz = torch.cat([q, q.new_zeros(1, h, d)])  # [B + 1, H, D]: row B pads
+                    qz = torch.cat([q, q.new_zeros(1, h, d)])  # [N + 1, H, D]: row N pads
                 o, l = _group_pass(qz, group, *self._stack(i, group, layer), scale)
             o, l = merge_with_lse(out[group.rows], lse[group.rows], o, l)  # [U, H, D], [U, H]
             if isinstance(group.rows, slice):
@@ -103,7 +111,7 @@ class DecodeAttention:
             else:
                 out.index_copy_(0, group.rows, o)
                 lse.index_copy_(0, group.rows, l)
-        return out.unsqueeze(2)  # [B, H, 1, D]
+        return out.unsqueeze(2)  # [N, H, 1, D]
 
 
 class PrefillAttention:

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "attention_with_lse",
+    "attention_with_lse_per_query",
     "causal_attention_with_lse",
     "merge_with_lse",
     "attention_with_lse_reference",
@@ -216,6 +217,25 @@ def attention_with_lse(
     except RuntimeError as exc:  # a private kernel refusing these shapes/strides
         logger.debug("attention kernel %s refused, using reference: %s", kernel.__name__, exc)
         return attention_with_lse_reference(q, k, v, valid_len, scale)
+
+
+def attention_with_lse_per_query(
+    q: Tensor, k: Tensor, v: Tensor, query_len: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """`attention_with_lse` with a valid length per query row: query m of batch b sees keys
+    0 .. query_len[b, m] - 1 (several new tokens of one sample, causal among themselves).
+
+    q: [B, Hkv, M, D]; k, v: [B, Hkv, L, D]; query_len: [B, M] int64 in [1, L] (every query sees
+    at least one key: callers pad unused queries with a valid length, and ignore their output).
+    Returns out [B, Hkv, M, D] in q.dtype and lse [B, Hkv, M] float32.
+    """
+    length = k.shape[-2]
+    keep = torch.arange(length, device=q.device) < query_len[:, None, :, None]  # [B, 1, M, L]
+    if q.device.type == "cpu" and _HAS_CPU_FLASH and q.shape[-2] > 0 and length > 0:
+        mask = _additive_mask(keep, q.dtype, -math.inf)  # [B, 1, M, L]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
+        return out, lse.float()  # [B, Hkv, M, D], [B, Hkv, M]
+    return _masked_reference(q, k, v, keep, scale)
 
 
 def merge_with_lse(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:

@@ -31,10 +31,12 @@ from ..sampling import (
     TokenHistory,
     fresh_seed,
     process_logits,
+    verify_draws,
 )
 from .output import OutputProcessor
 from .runner import ModelRunner
 from .scheduler import DECODE, PREFILL, Request, Scheduler
+from .speculative import AdaptiveSwitch, DraftModelProposer, NgramProposer, RequestSpecState, SpeculativeConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class Engine:
         replicated: bool = False,
         enable_prefix_caching: bool = True,
         prefill_chunk_tokens: int | None = None,
+        speculative: SpeculativeConfig | None = None,
+        draft_model: Transformer | None = None,
     ):
         self.model, self.storage, self.shape, self.tokenizer = model, storage, shape, tokenizer
         self.eos_token_ids = list(eos_token_ids or [])
@@ -63,6 +67,20 @@ class Engine:
         self.output = OutputProcessor(tokenizer, self.eos_token_ids)
         self._sample = make_sample_fn(compile)
         self._done: dict[str, RequestOutput] = {}
+        self.speculative = speculative
+        self._proposer = None
+        if speculative is not None:
+            k = speculative.num_speculative_tokens
+            if speculative.method == "ngram":
+                self._proposer = NgramProposer(k, speculative.prompt_lookup_min, speculative.prompt_lookup_max,
+                                               speculative.sibling_lookup)
+            else:
+                if draft_model is None:
+                    raise InvalidParameterError("speculative_config.model", "the draft model was not given")
+                self._proposer = DraftModelProposer(draft_model, k, storage.dtype, storage.device)
+        self.switch = AdaptiveSwitch(speculative is not None and speculative.adaptive)
+        self._spec: dict[str, RequestSpecState] = {}  # request id -> its speculation state
+        self._step_count = 0
         self._size(shape)
 
     def resize(self, shape: CacheShape, budget_bytes: int) -> None:
@@ -82,6 +100,8 @@ class Engine:
         self._history = TokenHistory(S, shape.max_prompt_len + shape.max_new_tokens, self.vocab_size, self.device)
         self._row_specs: list[RowSpec] = [RowSpec.idle() for _ in range(S)]
         self._tensors: SamplingTensors | None = None
+        if isinstance(self._proposer, DraftModelProposer):
+            self._proposer.size(shape)
 
     def update_weights(self, updates: dict[str, Tensor]) -> None:
         """New weights (from checkpoint.weight_updates), from the next step on; every cached prefix is
@@ -119,6 +139,11 @@ class Engine:
                 raise InvalidParameterError(name, f"token ids must be in [0, {self.vocab_size})")
         if (params.stop or params.bad_words) and self.tokenizer is None:
             raise TokenizerError("stop / bad_words need a tokenizer; this model has none")
+        if isinstance(self._proposer, DraftModelProposer):
+            ctx = self._proposer.model.config.max_position_embeddings
+            if L + T > ctx:
+                raise ContextLengthError("speculative_config.model", f"prompt ({L} tokens) + max_tokens ({T}) "
+                                         f"exceeds the draft model's context length ({ctx})")
 
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, prompt: str | None = None
@@ -129,6 +154,8 @@ class Engine:
         if request_id in sch.running or any(r.request_id == request_id for r in sch.waiting):
             raise InvalidParameterError("request_id", f"{request_id!r} is already running")
         seed = params.seed if params.seed is not None else fresh_seed()
+        if self.speculative is not None:
+            self._spec[request_id] = RequestSpecState()
         sch.waiting.append(Request(request_id, prompt, list(prompt_ids), params, seed, time.perf_counter()))
 
     def abort(self, request_id: str) -> None:
@@ -167,16 +194,25 @@ class Engine:
     # ---- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[SampleDelta]:
+        start = time.perf_counter()
         sch = self.scheduler
-        plan, admitted = sch.schedule()
+        self._step_count += 1
+        drafts = self._propose() if self._proposer is not None else {}  # pool row -> drafted tokens
+        plan, admitted = sch.schedule({r: len(t) for r, t in drafts.items()} or None)
         for req in admitted:
             self._on_admit(req)
         dec_logits, dec_rows = None, []
         if plan.decode is not None:
             d = plan.decode
-            dec_rows = [r for r in d.pool_rows.tolist() if sch.live[r]]
-            dec_logits = self.runner.decode(d, self.storage.pool, self._next_tokens[d.pool_rows])  # [B, V]
-            sch.advance(d)
+            dec_rows = [r for r in _batch_rows(d) if sch.live[r]]
+            feed = self._next_tokens[d.pool_rows]  # [N]: each row's last drawn token, then its draft
+            if drafts:
+                feed = feed.clone()
+                feed[d.grid_index % d.max_tokens_per_row != 0] = torch.tensor(
+                    [t for r in sorted(drafts) for t in drafts[r]], dtype=torch.long, device=self.device)
+            dec_logits = self.runner.decode(d, self.storage.pool, feed)  # [N, V]
+            if not drafts:
+                sch.advance(d)
         for chunk in plan.prefills:
             req = sch.running[chunk.request_id]
             sch.chunk_done(req, chunk, self.runner.prefill(chunk))
@@ -194,10 +230,17 @@ class Engine:
         R = self.shape.max_samples if self._compile else max(rows_out) + 1
         producing = torch.zeros(R, dtype=torch.bool, device=self.device)  # [R] rows sampled this step
         producing[rows_out] = True
-        logits = torch.zeros(R, self.vocab_size, device=self.device)  # [R, V]
-        if dec_logits is not None:
-            keep = plan.decode.pool_rows < R  # [B] (compiled: every row)
-            logits[plan.decode.pool_rows[keep]] = dec_logits[keep]
+        grid = None
+        if dec_logits is not None and drafts:  # the rows' logits position by position: [R, Q, V]
+            nq = plan.decode.max_tokens_per_row
+            grid = dec_logits.new_zeros(R * nq, self.vocab_size).index_copy_(0, plan.decode.grid_index, dec_logits)
+            grid = grid.view(R, nq, self.vocab_size)  # [R, Q, V]
+            logits = grid[:, 0].clone()  # [R, V]
+        else:
+            logits = torch.zeros(R, self.vocab_size, device=self.device)  # [R, V]
+            if dec_logits is not None:
+                keep = plan.decode.pool_rows < R  # [B] (compiled: every row)
+                logits[plan.decode.pool_rows[keep]] = dec_logits[keep]
         for req in ready:
             logits[req.rows] = req.first_logits  # [V] broadcast to the request's n rows
             if req.params.prompt_logprobs is not None:
@@ -219,7 +262,48 @@ class Engine:
             self._beam_step(beams, processed, tokens)
         history.append(tokens, producing)
         self._next_tokens[:R] = tokens
-        return self._bookkeep(producing, tokens, result)
+        if not drafts:
+            deltas = self._bookkeep(producing, [result], [])
+        else:
+            draft_t = torch.full((R, grid.shape[1] - 1), -1, dtype=torch.long)  # [R, Q-1]
+            for r, t in drafts.items():
+                draft_t[r, : len(t)] = torch.tensor(t, dtype=torch.long)
+            more, kept = verify_draws(tokens, grid[:, 1:], draft_t.to(self.device), producing, self._tensors,
+                                      history, self._sample)
+            for req in beams:  # beams draft nothing: one token each, as in a plain step
+                for row in req.rows:
+                    if sch.live[row] and row in dec_rows:
+                        sch.add_decoded(row, 1)
+            deltas = self._bookkeep(producing, [result] + more, kept, drafts, set(dec_rows))
+        if plan.decode is not None and not plan.prefills:
+            self.switch.record(time.perf_counter() - start, verify=bool(drafts))
+        return deltas
+
+    def _propose(self) -> dict[int, list[int]]:
+        """Drafts for this step's decoding rows: {pool row: tokens}. A row drafts at most
+        num_speculative_tokens, and no more than its max_tokens leaves room for after the token it
+        draws anyway; beam requests and requests the adaptive switch turned off draft nothing."""
+        if self.switch.plain_probe_due():
+            return {}
+        sch, k = self.scheduler, self.speculative.num_speculative_tokens
+        wanted = []
+        for req in sch.running.values():
+            if req.state != DECODE or req.beam is not None or not self._spec[req.request_id].active(self._step_count):
+                continue
+            rows = [(s, min(k, req.params.max_tokens - len(s.token_ids) - 1)) for s in req.samples
+                    if s.finish_reason is None and sch.live[s.row]]
+            rows = [(s, n) for s, n in rows if n > 0]
+            if rows:
+                wanted.append((req, rows))
+        if not wanted:
+            return {}
+        if isinstance(self._proposer, NgramProposer):
+            return self._proposer.propose(
+                self._history, [([(s.row, n) for s, n in rows], [s.row for s in req.samples if sch.live[s.row]])
+                                for req, rows in wanted])
+        drafts = self._proposer.propose([(req.request_id, req.prompt_ids, [(s.row, s.token_ids, n) for s, n in rows])
+                                         for req, rows in wanted])
+        return {r: t for r, t in drafts.items() if t}
 
     def _rows(self, req: Request) -> Tensor:
         return torch.tensor(req.rows, dtype=torch.long, device=self.device)
@@ -252,9 +336,14 @@ class Engine:
             self._history.index_select(full)
 
     # ---- per-sample bookkeeping (Python, once per produced token) ---------------------------------
-    def _bookkeep(self, producing: Tensor, tokens: Tensor, result) -> list[SampleDelta]:
+    def _bookkeep(self, producing: Tensor, results: list, kept: list[Tensor],
+                  drafts: dict[int, list[int]] | None = None, verified: set[int] | None = None) -> list[SampleDelta]:
+        """results[0]: the step's draws of every producing row; results[j], kept[j - 1] (verify steps):
+        the draws at draft position j and the rows whose drafts matched up to there; `verified`: the
+        rows the verify step decoded (their lengths grow by what they keep)."""
         now = time.perf_counter()
-        token_list, chosen_lp, top, ranks = self.output.step_results(result)
+        steps = [self.output.step_results(r) for r in results]
+        kept_rows = [k.tolist() for k in kept]
         live = set(producing.nonzero().flatten().tolist())
         deltas = []
         for req in list(self.scheduler.running.values()):
@@ -268,13 +357,32 @@ class Engine:
                     req.samples = self.output.finish_beams(req.params, req.samples, hypotheses)
                     self._finish(req)
                 continue
+            drafted = accepted = drafting = 0
             for s in req.samples:
                 if s.finish_reason or s.row not in live:
                     continue
-                tok = token_list[s.row]
-                deltas.append(self.output.append(req.request_id, req.params, s, tok, chosen_lp[s.row], top, ranks, s.row))
+                row = s.row
+                parts = []
+                for j, (token_list, chosen_lp, top, ranks) in enumerate(steps):
+                    if j > 0 and not kept_rows[j - 1][row]:
+                        break
+                    parts.append(self.output.append(req.request_id, req.params, s, token_list[row], chosen_lp[row],
+                                                    top, ranks, row))
+                    if s.finish_reason is not None:
+                        break
+                if verified is not None and row in verified:  # a verify step: the row keeps what it produced
+                    self.scheduler.add_decoded(row, len(parts))
+                if len(parts) > 1:
+                    self._next_tokens[row] = parts[-1].token_ids[0]
+                deltas.append(parts[0] if len(parts) == 1 else _merge(parts))
+                if drafts and row in drafts:
+                    drafting += 1
+                    drafted += len(drafts[row])
+                    accepted += sum(1 for k in kept_rows if k[row])
                 if s.finish_reason is not None:
                     self.scheduler.live[s.row] = False
+            if drafting:
+                self._spec[req.request_id].observe(drafted, accepted, drafting, self._step_count, self.switch)
             if req.finished:
                 self._finish(req)
         return deltas
@@ -282,13 +390,40 @@ class Engine:
     def _finish(self, req: Request) -> None:
         self._release(req)
         ttft = None if req.first_token_time is None else req.first_token_time - req.arrival
-        self._done[req.request_id] = self.output.request_output(req, ttft)
+        out = self.output.request_output(req, ttft)
+        spec = self._spec.pop(req.request_id, None)
+        if spec is not None:
+            out.metrics.update(num_draft_tokens=spec.num_draft_tokens, num_accepted_tokens=spec.num_accepted_tokens,
+                               num_verify_steps=spec.num_verify_steps)
+        self._done[req.request_id] = out
 
     def _release(self, req: Request, cache_samples: bool = True) -> None:
         for r in req.rows:
             self._row_specs[r] = RowSpec.idle()
         self._tensors = None
+        if isinstance(self._proposer, DraftModelProposer):
+            self._proposer.release(req.request_id, req.rows)
         self.scheduler.release(req, cache_samples)
+
+
+def _batch_rows(plan) -> list[int]:
+    """The pool row of each batch row of a decode plan (a row feeding several tokens listed once)."""
+    rows = plan.pool_rows.tolist()
+    if plan.query_len is None:
+        return rows
+    out, i = [], 0
+    for c in plan.counts:
+        out.append(rows[i])
+        i += c
+    return out
+
+
+def _merge(parts: list[SampleDelta]) -> SampleDelta:
+    """One sample's deltas of one step (several tokens kept from a draft) as one delta."""
+    last = parts[-1]
+    logprobs = None if parts[0].logprobs is None else [e for p in parts for e in p.logprobs]
+    return SampleDelta(last.request_id, last.index, [t for p in parts for t in p.token_ids],
+                       "".join(p.text for p in parts), logprobs, last.finish_reason, last.stop_reason)
 
 
 def check_context(prompt_ids: list[int], params: SamplingParams, cfg) -> None:

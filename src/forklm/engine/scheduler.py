@@ -15,10 +15,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
-from ..kv.plan import DecodePlan, LevelGroup, LevelPass, PrefillChunk, StepPlan
+from ..kv.plan import DecodePlan, PrefillChunk, StepPlan, build_decode_plan
 from ..kv.prefix_cache import Node, PrefixCache, store_logits
 from ..kv.storage import CacheShape, KVStorage, Segment
 from ..sampling import BeamSearchState, SamplingParams
@@ -129,9 +128,10 @@ class Scheduler:
         return m.node.logits is None
 
     # ---- the step ---------------------------------------------------------------------------------
-    def schedule(self) -> tuple[StepPlan, list[Request]]:
+    def schedule(self, extra: dict[int, int] | None = None) -> tuple[StepPlan, list[Request]]:
         """This step's plan, and the requests admitted in it. Admission comes first: matching a prompt
-        may split a cached node, which replaces its segment, and every plan reads segments."""
+        may split a cached node, which replaces its segment, and every plan reads segments.
+        extra: drafted tokens per decoding pool row (speculative decoding)."""
         budget = self.chunk_tokens if self.chunk_tokens is not None else 1 << 62
         admitted = []
         for req in list(self.waiting):
@@ -152,7 +152,7 @@ class Scheduler:
             if budget <= 0:
                 break
             budget -= self._chunk(req, budget, prefills)
-        return StepPlan(self._decode_plan(), prefills), admitted
+        return StepPlan(self._decode_plan(extra), prefills), admitted
 
     def _next_chunk_size(self, req: Request, budget: int) -> int:
         if req.first_logits is not None:
@@ -211,25 +211,22 @@ class Scheduler:
         for s in req.samples:
             self.live[s.row] = s.finish_reason is None
 
-    def _decode_plan(self) -> DecodePlan | None:
+    def decode_rows(self) -> list[int]:
+        """The pool rows that decode this step (every live row of a decoding request), ascending."""
+        return sorted(row for r in self.running.values() if r.state == DECODE for row in r.rows if self.live[row])
+
+    def _decode_plan(self, extra: dict[int, int] | None = None) -> DecodePlan | None:
+        """extra: drafted tokens fed after the last drawn one, per pool row (speculative decoding)."""
         reqs = [r for r in self.running.values() if r.state == DECODE]
         rows = sorted(row for r in reqs for row in r.rows if self.live[row])
         if not rows:
             return None
-        device = self.storage.device
-        if self.dense_batch:
-            batch = list(range(self.shape.max_samples))
-        else:
-            batch = rows
+        batch = list(range(self.shape.max_samples)) if self.dense_batch else rows
         index = {row: i for i, row in enumerate(batch)}
-        R = batch[-1] + 1
+        counts = [1 + (extra or {}).get(r, 0) for r in batch]
         write = [self.dec_len[r] + (self.prompt_len[r] if self.replicated else 0) for r in batch]
         positions = [self.prompt_len[r] + self.dec_len[r] for r in batch]
-        pool_len = [0] * R
-        for r, w in zip(batch, write):
-            if self.live[r]:
-                pool_len[r] = w + 1
-        levels = []
+        readers = []
         if not self.replicated:
             users: dict[int, tuple[Node, int, list[int]]] = {}  # node -> (node, depth, batch rows)
             for req in reqs:
@@ -238,25 +235,20 @@ class Scheduler:
                     continue
                 for depth, node in enumerate(req.node.path()):
                     users.setdefault(id(node), (node, depth, []))[2].extend(idx)
-            by_depth: dict[int, list[LevelPass]] = {}
-            for node, depth, idx in users.values():
-                idx.sort()
-                rows_sel = slice(idx[0], idx[-1] + 1) if idx[-1] - idx[0] + 1 == len(idx) else \
-                    torch.tensor(idx, dtype=torch.long, device=device)
-                levels.append(LevelPass(node.segment, len(node.tokens), rows_sel, len(idx)))
-                by_depth.setdefault(depth, []).append(levels[-1])
-            groups = [LevelGroup.of(passes, len(batch), device) for _, passes in sorted(by_depth.items())]
-        else:
-            groups = []
-        t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
-        return DecodePlan(t(batch), t(positions), t(write), t(pool_len), max(pool_len), batch == list(range(R)),
-                          levels, groups)
+            readers = [(depth, node.segment, len(node.tokens), idx) for node, depth, idx in users.values()]
+        return build_decode_plan(batch, counts, write, positions, [self.live[r] for r in batch], readers,
+                                 self.storage.device)
 
     def advance(self, plan: DecodePlan) -> None:
-        """After a decode step: every live row of the batch holds one more token."""
+        """After a plain decode step: every live row of the batch holds one more token."""
         for r in plan.pool_rows.tolist():
             if self.live[r]:
                 self.dec_len[r] += 1
+
+    def add_decoded(self, row: int, n: int) -> None:
+        """After a verify step: `row` keeps the K/V of its first n fed tokens (the last drawn one and the
+        accepted drafts); the rejected tail's K/V lie past its length, unread, and are overwritten later."""
+        self.dec_len[row] += n
 
     # ---- release ----------------------------------------------------------------------------------
     def release(self, req: Request, cache_samples: bool = True) -> None:

@@ -66,18 +66,69 @@ def _as_list(rows: slice | Tensor) -> list[int]:
 
 @dataclass
 class DecodePlan:
-    pool_rows: Tensor  # [B] int64: the pool row of each batch row, ascending
-    positions: Tensor  # [B] int64: the position of each row's current token
-    write_pos: Tensor  # [B] int64: where the current token's K/V go in its pool row
-    pool_len: Tensor  # [R] int64: valid keys of pool rows 0..R-1 after the write (0: not in the batch)
+    """One decode step over B batch rows, each feeding one query token (plain decoding) or several
+    (a drafted run verified at once: the row's last drawn token, then its draft). Query tokens are
+    laid out row after row, N in all (N = B with one token each); per-token fields are [N]."""
+
+    pool_rows: Tensor  # [N] int64: the pool row of each query token, ascending (a row's tokens adjacent)
+    positions: Tensor  # [N] int64: the position of each token
+    write_pos: Tensor  # [N] int64: where each token's K/V go in its pool row
+    pool_len: Tensor  # [R] int64: valid keys of pool rows 0..R-1 after the writes (0: not in the batch)
     window: int  # slots of the pool rows read (the longest valid length)
-    dense: bool  # the batch is exactly pool rows 0..R-1, in order (no scatter to the pool's order)
-    levels: list[LevelPass] = field(default_factory=list)  # every shared segment read this step
+    dense: bool  # one token per row and the batch is exactly pool rows 0..R-1, in order
+    levels: list[LevelPass] = field(default_factory=list)  # every shared segment read this step (token rows)
     groups: list[LevelGroup] = field(default_factory=list)  # the same passes, batched by depth
+    query_len: Tensor | None = None  # [R, Q] int64: valid pool keys of each row's j-th token (causal
+    #                                  among a row's new tokens; padding sees its row's first key); None when Q = 1
+    grid_index: Tensor | None = None  # [N] int64: r * Q + j, each token's place in the [R, Q] grid
+    counts: list[int] = field(default_factory=list)  # query tokens of each batch row
 
     @property
     def num_rows(self) -> int:
         return self.pool_rows.shape[0]
+
+    @property
+    def max_tokens_per_row(self) -> int:
+        return 1 if self.query_len is None else self.query_len.shape[1]
+
+
+def build_decode_plan(batch: list[int], counts: list[int], write: list[int], positions: list[int],
+                      live: list[bool], readers: list[tuple[int, Segment, int, list[int]]], device) -> DecodePlan:
+    """The decode plan of pool rows `batch` (ascending). Batch row i feeds counts[i] tokens, the first
+    at slot write[i] of its pool row and position positions[i]; live[i] is False for an idle row of a
+    dense batch (it computes, nothing reads it). readers: (depth, segment, valid length, batch rows
+    reading it) for every shared segment above the rows."""
+    start, tok_rows, tok_pos, tok_write = [], [], [], []
+    for r, c, w, p in zip(batch, counts, write, positions):
+        start.append(len(tok_rows))
+        tok_rows += [r] * c
+        tok_pos += range(p, p + c)
+        tok_write += range(w, w + c)
+    R, Q = batch[-1] + 1, max(counts)
+    pool_len = [0] * R
+    for r, c, w, alive in zip(batch, counts, write, live):
+        if alive:
+            pool_len[r] = w + c
+    window = max(pool_len)
+    t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
+    query_len = grid = None
+    if Q > 1:
+        grid_len = [[1] * Q for _ in range(R)]  # [R][Q]
+        for r, c, w in zip(batch, counts, write):
+            grid_len[r] = [w + j + 1 for j in range(c)] + [max(w, 0) + 1] * (Q - c)
+        query_len = t(grid_len)  # [R, Q]
+        grid = t([r * Q + j for r, c in zip(batch, counts) for j in range(c)])  # [N]
+    by_depth: dict[int, list[LevelPass]] = {}
+    levels = []
+    for depth, segment, length, idx in readers:
+        toks = [k for i in sorted(idx) for k in range(start[i], start[i] + counts[i])]
+        sel = slice(toks[0], toks[-1] + 1) if toks[-1] - toks[0] + 1 == len(toks) else t(toks)
+        levels.append(LevelPass(segment, length, sel, len(toks)))
+        by_depth.setdefault(depth, []).append(levels[-1])
+    groups = [LevelGroup.of(passes, len(tok_rows), device) for _, passes in sorted(by_depth.items())]
+    dense = Q == 1 and batch == list(range(R))
+    return DecodePlan(t(tok_rows), t(tok_pos), t(tok_write), t(pool_len), window, dense, levels, groups,
+                      query_len, grid, list(counts))
 
 
 @dataclass

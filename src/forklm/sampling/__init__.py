@@ -9,6 +9,7 @@ from forklm.sampling.params import SamplingParams
 from forklm.sampling.processors import process_logits
 from forklm.sampling.random import fresh_seed, uniform
 from forklm.sampling.sampler import SampleResult, compute_logprobs, sample
+from forklm.sampling.speculative import verify_draws
 from forklm.sampling.tensors import RowSpec, SamplingTensors, TokenHistory
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "process_logits",
     "sample",
     "uniform",
+    "verify_draws",
 ]
