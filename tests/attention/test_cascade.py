@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from forklm.attention.cascade import DecodeAttention, PrefillAttention
 import forklm.attention.ops as ops
-from forklm.kv.plan import DecodePlan, LevelGroup, LevelPass, PrefillChunk
+from forklm.kv.plan import DecodePlan, LevelGroup, LevelPass, PrefillChunk, build_decode_plan
 from forklm.kv.storage import Segment
 
 HEADS = [(4, 4), (8, 2), (6, 1)]  # MHA, GQA, MQA
@@ -111,3 +111,54 @@ def test_prefill_chunk_matches_causal_sdpa_over_concatenation(levels, offset, c,
     ref = F.scaled_dot_product_attention(q, K.repeat_interleave(g, 0)[None], V.repeat_interleave(g, 0)[None],
                                          attn_mask=keep)
     assert (out - ref).abs().max() < 2e-5
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+@pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("flash", [True, False], ids=["cpu-flash", "reference"])
+def test_multi_token_decode_matches_causal_sdpa_over_every_level(depth, heads, dtype, flash, monkeypatch):
+    """A verify step: each row feeds 1..5 tokens (its last drawn one, then a draft), causal among
+    themselves, after the row's own earlier tokens and every shared level above it."""
+    if not flash:
+        monkeypatch.setattr(ops, "_HAS_CPU_FLASH", False)
+    torch.manual_seed(7 * depth + heads[1])
+    h, hkv = heads
+    d, T = 16, 24
+    pool_rows = [0, 1, 3, 4, 5, 8]
+    counts = [1, 5, 2, 4, 1, 3]
+    dec = [3, 0, 6, 1, 9, 2]  # tokens already in each pool row
+    B, R = len(pool_rows), pool_rows[-1] + 1
+    pool = _Pool(R, hkv, T, d, dtype)
+    readers, paths = [], [[] for _ in range(B)]
+    for lvl, ngroups in enumerate([1, 2, 3][:depth]):
+        bounds = torch.linspace(0, B, ngroups + 1).round().long().tolist()
+        for gi in range(ngroups):
+            idx = list(range(bounds[gi], bounds[gi + 1]))
+            length = LENGTHS[(lvl * 2 + gi) % len(LENGTHS)]
+            seg = _segment(hkv, length, d, dtype)
+            readers.append((lvl, seg, length, idx[::-1] if gi % 2 else idx))
+            for b in idx:
+                paths[b].append(seg)
+    positions = [100 + x for x in dec]
+    plan = build_decode_plan(pool_rows, counts, dec, positions, [True] * B, readers, "cpu")
+    N = sum(counts)
+    assert plan.num_rows == N and plan.positions.tolist() == [p + j for p, c in zip(positions, counts) for j in range(c)]
+    q, k, v = (torch.randn(N, x, 1, d).to(dtype) for x in (h, hkv, hkv))
+    out = DecodeAttention(pool, plan).attend(0, q, k, v)  # [N, H, 1, D]
+    assert out.shape == (N, h, 1, d) and out.dtype == dtype
+    i = 0
+    for b, row in enumerate(pool_rows):
+        for j in range(counts[b]):
+            assert torch.equal(pool.k[0][row, :, dec[b] + j], k[i, :, 0])  # every fed token written first
+            ks = [s.k(0)[:, : s.length] for s in paths[b]] + [pool.k[0][row, :, : dec[b] + j + 1]]
+            vs = [s.v(0)[:, : s.length] for s in paths[b]] + [pool.v[0][row, :, : dec[b] + j + 1]]
+            ref = _reference(q[i, :, 0], torch.cat(ks, 1), torch.cat(vs, 1))
+            assert (out[i, :, 0].float() - ref).abs().max() < TOL[dtype], (b, j, depth)
+            i += 1
+
+
+def test_multi_token_plan_with_one_token_per_row_is_the_plain_plan():
+    plan = build_decode_plan([0, 1, 2], [1, 1, 1], [4, 0, 2], [9, 5, 7], [True] * 3, [], "cpu")
+    assert plan.query_len is None and plan.grid_index is None and plan.dense
+    assert plan.pool_len.tolist() == [5, 1, 3] and plan.window == 5

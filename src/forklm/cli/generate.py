@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--kv-layout", choices=["bifurcated", "replicated"], default="bifurcated")
     p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--stream", action="store_true",
                    help="print sample 0 as it is generated (the other samples when all are done)")
@@ -48,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
     status = _Status(show)
     status.say(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...")
     t0 = time.perf_counter()
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_layout=args.kv_layout, compile=args.compile)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_layout=args.kv_layout, compile=args.compile,
+              speculative_config=args.speculative_config)
     status.say(f"loaded in {time.perf_counter() - t0:.1f} s ({args.dtype}, {args.device})"
                + ("; the first step compiles the model (tens of seconds on a small CPU)" if args.compile else ""))
     if args.stream:

@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--kv-layout", choices=["bifurcated", "replicated"], default="bifurcated")
     p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
+    p.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, vLLM\'s keys: \'{"method": "ngram", "num_speculative_tokens": 4}\' or '
+                        '\'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\' (outputs unchanged)')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     sys.stderr.flush()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_layout=args.kv_layout, compile=args.compile,
               kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-              prefill_chunk_tokens=args.prefill_chunk_tokens)
+              prefill_chunk_tokens=args.prefill_chunk_tokens, speculative_config=args.speculative_config)
     context_len = llm.config.max_position_embeddings
     shape = CacheShape(
         max_prompts=args.max_prompts,

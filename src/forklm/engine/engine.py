@@ -80,6 +80,7 @@ class Engine:
                 self._proposer = DraftModelProposer(draft_model, k, storage.dtype, storage.device)
         self.switch = AdaptiveSwitch(speculative is not None and speculative.adaptive)
         self._spec: dict[str, RequestSpecState] = {}  # request id -> its speculation state
+        self.spec_totals = RequestSpecState()  # the counters over every request (server metrics)
         self._step_count = 0
         self._size(shape)
 
@@ -383,6 +384,7 @@ class Engine:
                     self.scheduler.live[s.row] = False
             if drafting:
                 self._spec[req.request_id].observe(drafted, accepted, drafting, self._step_count, self.switch)
+                self.spec_totals.count(drafted, accepted)
             if req.finished:
                 self._finish(req)
         return deltas

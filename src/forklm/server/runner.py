@@ -155,6 +155,16 @@ class EngineRunner:
                       lambda: self.kv_usage)
         metrics.gauge("forklm_queue_capacity", "Most engine requests that may wait (--max-queue).",
                       lambda: self.max_queue)
+        if engine.speculative is not None:
+            spec = engine.spec_totals
+            metrics.gauge("forklm_spec_decode_num_draft_tokens_total", "Tokens drafted (speculative decoding).",
+                          lambda: spec.num_draft_tokens)
+            metrics.gauge("forklm_spec_decode_num_accepted_tokens_total", "Drafted tokens the target kept.",
+                          lambda: spec.num_accepted_tokens)
+            metrics.gauge("forklm_spec_decode_num_verify_steps_total", "Verify steps (one per drafting request).",
+                          lambda: spec.num_verify_steps)
+            metrics.gauge("forklm_spec_decode_acceptance_rate", "Accepted over drafted tokens since the start.",
+                          lambda: spec.num_accepted_tokens / max(spec.num_draft_tokens, 1))
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def warm_up(self) -> None:

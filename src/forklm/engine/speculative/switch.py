@@ -63,11 +63,14 @@ class RequestSpecState:
     def active(self, step: int) -> bool:
         return step >= self.off_until
 
-    def observe(self, drafted: int, accepted: int, rows: int, step: int, switch: AdaptiveSwitch) -> None:
-        """One verify step: `rows` of the request drafted `drafted` tokens and `accepted` of them matched."""
+    def count(self, drafted: int, accepted: int) -> None:
         self.num_draft_tokens += drafted
         self.num_accepted_tokens += accepted
         self.num_verify_steps += 1
+
+    def observe(self, drafted: int, accepted: int, rows: int, step: int, switch: AdaptiveSwitch) -> None:
+        """One verify step: `rows` of the request drafted `drafted` tokens and `accepted` of them matched."""
+        self.count(drafted, accepted)
         self.gain = _ema(self.gain, 1 + accepted / rows)
         self.observations += 1
         ratio = switch.cost_ratio
