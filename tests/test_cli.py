@@ -44,6 +44,10 @@ def test_generate_text_on_tiny_model(hf_models):
         (["frobnicate"], "invalid choice"),
         (["generate", "/no/such/model", "--prompt", "x", "-v"], "/no/such/model"),  # -v after the subcommand
         (["-v", "generate", "/no/such/model", "--prompt", "x"], "/no/such/model"),
+        (["generate", "--prompt", "x", "--speculative-config", "{bad"], "speculative_config: is not valid JSON"),
+        (["generate", "--prompt", "x", "--speculative-config", '{"method": "ngram"}'],
+         "speculative_config.num_speculative_tokens"),
+        (["serve", "--speculative-config", '{"method": "x", "num_speculative_tokens": 2}'], "speculative_config.method"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message):

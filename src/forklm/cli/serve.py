@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import LLM
     from ..default_model import DEFAULT_MODEL_NAME
+    from ..engine.speculative import SpeculativeConfig
     from ..errors import InvalidParameterError, ServeError
     from ..kv.storage import CacheShape
     from ..server import EngineRunner, Metrics, ServerContext, build_app
@@ -79,11 +80,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--shutdown-grace", "must be >= 0 (seconds)")
     if args.max_n is not None and args.max_n < 1:
         raise InvalidParameterError("--max-n", "must be >= 1")
+    speculative = SpeculativeConfig.parse(args.speculative_config)  # a bad one is refused before loading
     sys.stderr.write(f"forklm serve: loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...\n")
     sys.stderr.flush()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_layout=args.kv_layout, compile=args.compile,
               kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-              prefill_chunk_tokens=args.prefill_chunk_tokens, speculative_config=args.speculative_config)
+              prefill_chunk_tokens=args.prefill_chunk_tokens, speculative_config=speculative)
     context_len = llm.config.max_position_embeddings
     shape = CacheShape(
         max_prompts=args.max_prompts,
