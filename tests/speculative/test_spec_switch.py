@@ -26,16 +26,21 @@ def test_request_turns_off_below_the_ratio_and_probes_again():
     s.record(0.20, verify=True)  # a verify step costs 2 plain steps
     r = RequestSpecState()
     r.observe(drafted=4, accepted=0, rows=1, step=1, switch=s)
-    assert r.active(2)  # one observation is not enough
-    r.observe(drafted=4, accepted=1, rows=1, step=2, switch=s)  # 1.25 tokens per step < 2
-    assert not r.active(3) and not r.active(18) and r.active(19)
-    r.observe(drafted=4, accepted=0, rows=1, step=19, switch=s)
-    r.observe(drafted=4, accepted=0, rows=1, step=20, switch=s)
-    assert not r.active(21 + 16) and r.active(21 + 32)  # the backoff doubled
+    r.observe(drafted=4, accepted=2, rows=1, step=2, switch=s)
+    assert r.active(3)  # two observations are not enough
+    r.observe(drafted=4, accepted=1, rows=1, step=3, switch=s)  # 1 + (0, 2, 1) / 1 averaged: < 2
+    assert not r.active(4) and not r.active(11) and r.active(12)
+    for step in (12, 13, 14):
+        r.observe(drafted=4, accepted=0, rows=1, step=step, switch=s)
+    assert not r.active(15 + 15) and r.active(15 + 16)  # the backoff doubled
+    for _ in range(5):  # ... up to 64 steps
+        for step in (100, 101, 102):
+            r.observe(drafted=4, accepted=0, rows=1, step=step, switch=s)
+    assert not r.active(103 + 63) and r.active(103 + 64)
     good = RequestSpecState()
     for step in range(10):
         good.observe(drafted=4, accepted=3, rows=1, step=step, switch=s)  # 4 tokens per step > 2
-    assert good.active(11) and good.num_accepted_tokens == 30 and good.num_draft_tokens == 40
+    assert good.active(11) and (good.num_accepted_tokens, good.num_draft_tokens, good.num_drafts) == (30, 40, 10)
 
 
 def test_disabled_switch_never_turns_a_request_off():

@@ -384,7 +384,7 @@ class Engine:
                     self.scheduler.live[s.row] = False
             if drafting:
                 self._spec[req.request_id].observe(drafted, accepted, drafting, self._step_count, self.switch)
-                self.spec_totals.count(drafted, accepted)
+                self.spec_totals.count(drafted, accepted, drafting)
             if req.finished:
                 self._finish(req)
         return deltas
@@ -396,7 +396,7 @@ class Engine:
         spec = self._spec.pop(req.request_id, None)
         if spec is not None:
             out.metrics.update(num_draft_tokens=spec.num_draft_tokens, num_accepted_tokens=spec.num_accepted_tokens,
-                               num_verify_steps=spec.num_verify_steps)
+                               num_drafts=spec.num_drafts, num_verify_steps=spec.num_verify_steps)
         self._done[req.request_id] = out
 
     def _release(self, req: Request, cache_samples: bool = True) -> None:

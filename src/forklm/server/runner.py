@@ -161,8 +161,8 @@ class EngineRunner:
                           lambda: spec.num_draft_tokens)
             metrics.gauge("forklm_spec_decode_num_accepted_tokens_total", "Drafted tokens the target kept.",
                           lambda: spec.num_accepted_tokens)
-            metrics.gauge("forklm_spec_decode_num_verify_steps_total", "Verify steps (one per drafting request).",
-                          lambda: spec.num_verify_steps)
+            metrics.gauge("forklm_spec_decode_num_drafts_total", "Drafts verified (one per drafting sample and step).",
+                          lambda: spec.num_drafts)
             metrics.gauge("forklm_spec_decode_acceptance_rate", "Accepted over drafted tokens since the start.",
                           lambda: spec.num_accepted_tokens / max(spec.num_draft_tokens, 1))
 

@@ -4,8 +4,9 @@ The cost side is measured, not assumed: the engine times every decode step (wall
 prefill chunk left out) and keeps an exponential average of plain steps (no row drafted) and of verify
 steps; `cost_ratio` = verify / plain. The gain side is per request: the tokens a drafting row kept per
 verify step (1 + accepted drafts), averaged over its drafting rows and over steps. A request whose
-average falls below the cost ratio stops drafting for `backoff` steps (16, doubled each time it is
-turned off again, at most 512), then probes again. While every row keeps drafting, one plain step in
+average falls below the cost ratio stops drafting for `backoff` steps (8, doubled each time it is
+turned off again, at most 64: text changes phase, a reply may start free and then copy code), then
+probes again. While every row keeps drafting, one plain step in
 `PROBE_EVERY` keeps the plain-step time current.
 """
 
@@ -15,8 +16,8 @@ from dataclasses import dataclass
 
 PROBE_EVERY = 64
 _ALPHA = 0.25  # weight of the newest observation in the averages
-_MIN_OBSERVATIONS = 2  # verify steps seen before a request may be turned off
-_BACKOFF_MIN, _BACKOFF_MAX = 16, 512
+_MIN_OBSERVATIONS = 3  # verify steps seen before a request may be turned off
+_BACKOFF_MIN, _BACKOFF_MAX = 8, 64
 
 
 class AdaptiveSwitch:
@@ -54,6 +55,7 @@ class RequestSpecState:
 
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_drafts: int = 0  # drafts verified (one per drafting row and step): tokens kept per draft = 1 + accepted / this
     num_verify_steps: int = 0
     gain: float | None = None  # average tokens kept per drafting row and verify step
     observations: int = 0
@@ -63,14 +65,15 @@ class RequestSpecState:
     def active(self, step: int) -> bool:
         return step >= self.off_until
 
-    def count(self, drafted: int, accepted: int) -> None:
+    def count(self, drafted: int, accepted: int, drafts: int) -> None:
         self.num_draft_tokens += drafted
         self.num_accepted_tokens += accepted
+        self.num_drafts += drafts
         self.num_verify_steps += 1
 
     def observe(self, drafted: int, accepted: int, rows: int, step: int, switch: AdaptiveSwitch) -> None:
         """One verify step: `rows` of the request drafted `drafted` tokens and `accepted` of them matched."""
-        self.count(drafted, accepted)
+        self.count(drafted, accepted, rows)
         self.gain = _ema(self.gain, 1 + accepted / rows)
         self.observations += 1
         ratio = switch.cost_ratio
