@@ -9,6 +9,7 @@ plain decoding's):
   plain            no speculation (the baseline of every ratio);
   ngram            prompt lookup, k=4, the adaptive switch on (what a user gets from the flag);
   ngram-always     the same with the switch off (every row drafts whenever a match exists);
+  ngram-nosib      ngram with the switch on but no sibling lookup (a sample drafts from its own text only);
   draft-truncated  a draft model: the embedded model cut to its first --draft-layers layers (no
                    smaller model with SmolLM2's tokenizer is available offline, so this is not a
                    real draft: it measures what a poor draft costs with the switch on);
@@ -97,7 +98,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
     ap.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
-    ap.add_argument("--modes", nargs="+", default=["ngram", "ngram-always", "draft-truncated", "draft-self"])
+    ap.add_argument("--modes", nargs="+", default=["ngram", "ngram-always", "ngram-nosib", "draft-truncated", "draft-self"])
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--draft-layers", type=int, default=8)
@@ -112,6 +113,7 @@ def main() -> None:
     configs = {
         "ngram": {"method": "ngram", "num_speculative_tokens": k},
         "ngram-always": {"method": "ngram", "num_speculative_tokens": k, "adaptive": False},
+        "ngram-nosib": {"method": "ngram", "num_speculative_tokens": k, "sibling_lookup": False},
         "draft-truncated": {"method": "draft_model", "num_speculative_tokens": k,
                             "model": str(make_truncated_draft(Path("/tmp/forklm-draft") / f"first{args.draft_layers}",
                                                               args.draft_layers))}
@@ -155,6 +157,7 @@ def main() -> None:
                         drafted=drafted, accepted=accepted, acceptance=accepted / drafted if drafted else 0.0,
                         tokens_per_draft=1 + accepted / drafts if drafts else 1.0,
                         verify_steps=m.get("num_verify_steps", 0), load=max(loads),
+                        cost_ratio=_cost_ratio(llms[mode]),
                         times=times[mode]))
                     r = rows[-1]
                     print(f"{prompt:9s} T={temp:<3} n={n:<3} {mode:16s} {s:7.2f}s  x{r['speedup']:.2f}  "
@@ -166,16 +169,24 @@ def main() -> None:
     note = (f"`LLM.generate` end to end (seconds: median of {args.reps} calls, modes interleaved), "
             f"max_tokens={args.max_tokens}, k={k}, float32, the prompt's K/V cached in each LLM (warm). "
             "speedup = plain seconds / mode seconds in the same cell; acceptance = accepted / drafted tokens; "
-            "tokens/draft = 1 + accepted / drafts verified; same = token ids equal to plain decoding's; "
+            "tokens/draft = 1 + accepted / drafts verified; verify/plain step = the adaptive switch's measured cost "
+            "ratio in that LLM after the cell (0: not measured); same = token ids equal to plain decoding's; "
             "load = the highest 1-minute load average seen during the cell. draft-truncated is the embedded model's "
             f"first {args.draft_layers} layers (not a real draft); draft-self is the target as its own draft.")
     cols = [("prompt", "prompt", "{}"), ("T", "temperature", "{}"), ("n", "n", "{}"), ("mode", "mode", "{}"),
             ("s", "seconds", "{:.2f}"), ("tok/s", "tokens_per_s", "{:.1f}"), ("speedup", "speedup", "{:.2f}"),
             ("acceptance", "acceptance", "{:.2f}"), ("tokens/draft", "tokens_per_draft", "{:.2f}"),
-            ("verify steps", "verify_steps", "{}"), ("same", "same_tokens", "{}"), ("load", "load", "{:.2f}")]
+            ("verify steps", "verify_steps", "{}"), ("verify/plain step", "cost_ratio", "{:.2f}"),
+            ("same", "same_tokens", "{}"), ("load", "load", "{:.2f}")]
     report.write(args.out, res, "Speculative decoding, embedded SmolLM2-135M", note, cols, rows)
     plot(args.out.with_suffix(".png"), rows, [m for m in llms if m != "plain"])
     print(f"wrote {args.out}.json / .md / .png")
+
+
+def _cost_ratio(llm) -> float:
+    engine = llm._engine
+    ratio = None if engine is None else engine.switch.cost_ratio
+    return 0.0 if ratio is None else ratio
 
 
 def plot(path: Path, rows: list[dict], modes: list[str]) -> None:

@@ -91,7 +91,8 @@ def test_replicated_layout_and_prefix_cache_off(llama):
 def test_max_tokens_inside_a_drafted_run(llama, max_tokens):
     """A draft model equal to the target keeps every draft (greedy), so each step runs k + 1 tokens
     and max_tokens falls inside a run; rows never draft past what max_tokens leaves."""
-    spec = LLM(llama, speculative_config={"method": "draft_model", "model": llama, "num_speculative_tokens": 4})
+    spec = LLM(llama, speculative_config={"method": "draft_model", "model": llama, "num_speculative_tokens": 4,
+                                          "adaptive": False})
     params = SamplingParams(n=2, temperature=0.0, max_tokens=max_tokens, logprobs=1)
     plain = generate(LLM(llama), PROMPTS, params)
     outs = generate(spec, PROMPTS, params)
@@ -105,7 +106,8 @@ def test_eos_and_stop_tokens_inside_a_drafted_run(llama):
     """A draft model equal to the target keeps whole runs; tokens the plain run reaches mid-way are made
     the EOS / a stop token, so samples end inside a run, where plain decoding ends them."""
     plain_llm = LLM(llama)
-    spec = LLM(llama, speculative_config={"method": "draft_model", "model": llama, "num_speculative_tokens": 4})
+    spec = LLM(llama, speculative_config={"method": "draft_model", "model": llama, "num_speculative_tokens": 4,
+                                          "adaptive": False})
     greedy = SamplingParams(temperature=0.0, max_tokens=20, logprobs=1)
     sampled = dict(n=4, temperature=0.7, max_tokens=20, seed=9)
     eos = generate(plain_llm, PROMPTS, greedy)[0].outputs[0].token_ids[9]
@@ -171,7 +173,7 @@ def test_text_and_stop_strings_inside_drafted_runs(smollm_path):
     code = "def area(width, height):\n    return width * height\n\ndef perimeter(width, height):\n    return 2 * (width + height)\n"
     msgs = [{"role": "user", "content": "Add a docstring to each function below. Reply with the code only.\n\n" + code}]
     plain_llm = LLM(smollm_path)
-    spec = LLM(smollm_path, speculative_config={"method": "ngram", "num_speculative_tokens": 5})
+    spec = LLM(smollm_path, speculative_config={"method": "ngram", "num_speculative_tokens": 5, "adaptive": False})
     ids = [plain_llm.encode_chat(msgs)]
     base = generate(plain_llm, ids, SamplingParams(temperature=0.0, max_tokens=40))[0].outputs[0].text
     assert len(base) > 40
@@ -196,3 +198,18 @@ def test_streaming_deltas_carry_every_kept_token(llama):
     plain = generate(LLM(llama), PROMPTS, params)
     assert {(i, c.index): c.token_ids for i, o in enumerate(plain) for c in o.outputs} == streamed
     assert max(len(v) for v in streamed.values()) == 20
+
+
+def test_adaptive_switch_on_changes_no_output(hf_models, llama):
+    """With the switch on (the default), requests probe, pause and resume drafting as the measured
+    step times say; whatever it decides, the outputs are plain decoding's."""
+    other = str(hf_models["llama_mha"][1])
+    params = [SamplingParams(n=4, max_tokens=40, seed=6, **SAMPLED), SamplingParams(temperature=0.0, max_tokens=40),
+              SamplingParams(n=2, temperature=0.0, max_tokens=30)]
+    plain = generate(LLM(llama), PROMPTS, params)
+    for cfg in ({"method": "draft_model", "model": other, "num_speculative_tokens": 3},
+                {"method": "ngram", "num_speculative_tokens": 3}):
+        spec = LLM(llama, speculative_config=cfg)
+        for _ in range(2):  # the second call starts with the costs the first one measured
+            same(plain, generate(spec, PROMPTS, params))
+        assert spec._engine.switch.cost_ratio is not None

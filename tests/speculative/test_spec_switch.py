@@ -20,27 +20,31 @@ def test_cost_ratio_from_measured_steps_and_plain_probes():
     assert not AdaptiveSwitch(enabled=False).plain_probe_due()
 
 
-def test_request_turns_off_below_the_ratio_and_probes_again():
+def test_request_probes_then_drafts_and_pauses_below_the_ratio():
     s = AdaptiveSwitch(enabled=True)
+    r = RequestSpecState()
+    r.observe(kept=1, step=1, switch=s)  # no cost measured yet: it goes on probing
+    assert r.probing and r.active(2)
     s.record(0.10, verify=False)
     s.record(0.20, verify=True)  # a verify step costs 2 plain steps
-    r = RequestSpecState()
-    r.observe(drafted=4, accepted=0, rows=1, step=1, switch=s)
-    r.observe(drafted=4, accepted=2, rows=1, step=2, switch=s)
-    assert r.active(3)  # two observations are not enough
-    r.observe(drafted=4, accepted=1, rows=1, step=3, switch=s)  # 1 + (0, 2, 1) / 1 averaged: < 2
-    assert not r.active(4) and not r.active(11) and r.active(12)
-    for step in (12, 13, 14):
-        r.observe(drafted=4, accepted=0, rows=1, step=step, switch=s)
-    assert not r.active(15 + 15) and r.active(15 + 16)  # the backoff doubled
+    r.observe(kept=3, step=2, switch=s)  # the slowest sample kept 3 >= 2 tokens: every sample drafts
+    assert not r.probing and r.active(3)
+    r.observe(kept=1, step=3, switch=s)
+    r.observe(kept=1, step=4, switch=s)
+    assert r.active(5)
+    r.observe(kept=1, step=5, switch=s)  # the average fell below 2: paused for 8 steps
+    assert r.probing and not r.active(6) and not r.active(13) and r.active(14)
+    r.observe(kept=1, step=14, switch=s)  # one poor probe pauses it again, twice as long
+    assert not r.active(15 + 15) and r.active(15 + 16)
     for _ in range(5):  # ... up to 64 steps
-        for step in (100, 101, 102):
-            r.observe(drafted=4, accepted=0, rows=1, step=step, switch=s)
-    assert not r.active(103 + 63) and r.active(103 + 64)
+        r.observe(kept=1, step=100, switch=s)
+    assert not r.active(101 + 63) and r.active(101 + 64)
     good = RequestSpecState()
     for step in range(10):
-        good.observe(drafted=4, accepted=3, rows=1, step=step, switch=s)  # 4 tokens per step > 2
-    assert good.active(11) and (good.num_accepted_tokens, good.num_draft_tokens, good.num_drafts) == (30, 40, 10)
+        good.observe(kept=4, step=step, switch=s)
+        good.count(drafted=4, accepted=3, drafts=1)
+    assert good.active(11) and not good.probing
+    assert (good.num_accepted_tokens, good.num_draft_tokens, good.num_drafts, good.num_verify_steps) == (30, 40, 10, 10)
 
 
 def test_disabled_switch_never_turns_a_request_off():
@@ -49,5 +53,5 @@ def test_disabled_switch_never_turns_a_request_off():
     s.record(1.0, verify=True)
     r = RequestSpecState()
     for step in range(5):
-        r.observe(drafted=4, accepted=0, rows=2, step=step, switch=s)
-    assert r.active(6)
+        r.observe(kept=1, step=step, switch=s)
+    assert r.active(6) and not r.probing

@@ -289,13 +289,17 @@ class Engine:
         sch, k = self.scheduler, self.speculative.num_speculative_tokens
         wanted = []
         for req in sch.running.values():
-            if req.state != DECODE or req.beam is not None or not self._spec[req.request_id].active(self._step_count):
+            state = self._spec[req.request_id]
+            if req.state != DECODE or req.beam is not None or not state.active(self._step_count):
                 continue
             rows = [(s, min(k, req.params.max_tokens - len(s.token_ids) - 1)) for s in req.samples
                     if s.finish_reason is None and sch.live[s.row]]
             rows = [(s, n) for s, n in rows if n > 0]
-            if rows:
-                wanted.append((req, rows))
+            if not rows:
+                continue
+            slowest = min(rows, key=lambda x: len(x[0].token_ids))
+            state.slowest = slowest[0].row
+            wanted.append((req, [slowest] if state.probing else rows))
         if not wanted:
             return {}
         if isinstance(self._proposer, NgramProposer):
@@ -359,6 +363,8 @@ class Engine:
                     self._finish(req)
                 continue
             drafted = accepted = drafting = 0
+            spec = self._spec.get(req.request_id)
+            slowest_kept = 1
             for s in req.samples:
                 if s.finish_reason or s.row not in live:
                     continue
@@ -376,6 +382,8 @@ class Engine:
                 if len(parts) > 1:
                     self._next_tokens[row] = parts[-1].token_ids[0]
                 deltas.append(parts[0] if len(parts) == 1 else _merge(parts))
+                if spec is not None and row == spec.slowest:
+                    slowest_kept = len(parts)
                 if drafts and row in drafts:
                     drafting += 1
                     drafted += len(drafts[row])
@@ -383,7 +391,8 @@ class Engine:
                 if s.finish_reason is not None:
                     self.scheduler.live[s.row] = False
             if drafting:
-                self._spec[req.request_id].observe(drafted, accepted, drafting, self._step_count, self.switch)
+                spec.count(drafted, accepted, drafting)
+                spec.observe(slowest_kept, self._step_count, self.switch)
                 self.spec_totals.count(drafted, accepted, drafting)
             if req.finished:
                 self._finish(req)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 from dataclasses import dataclass
 
 from ...errors import InvalidParameterError
@@ -84,6 +85,8 @@ class SpeculativeConfig:
                 if key in value:
                     raise InvalidParameterError(f"{_FIELD}.{key}", "is only for method ngram")
             model = value.get("model")
+            if isinstance(model, os.PathLike):
+                model = os.fspath(model)
             if not isinstance(model, str) or not model:
                 raise InvalidParameterError(f"{_FIELD}.model", "is required for method draft_model: a checkpoint path")
             args["model"] = model
