@@ -9,7 +9,7 @@ plain decoding's):
   plain            no speculation (the baseline of every ratio);
   ngram            prompt lookup, k=4, the adaptive switch on (what a user gets from the flag);
   ngram-always     the same with the switch off (every row drafts whenever a match exists);
-  ngram-nosib      ngram with the switch on but no sibling lookup (a sample drafts from its own text only);
+  ngram-sib        ngram with sibling lookup (a sample with no match in its own text looks in its siblings' outputs);
   draft-truncated  a draft model: the embedded model cut to its first --draft-layers layers (no
                    smaller model with SmolLM2's tokenizer is available offline, so this is not a
                    real draft: it measures what a poor draft costs with the switch on);
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 0.8])
     ap.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
-    ap.add_argument("--modes", nargs="+", default=["ngram", "ngram-always", "ngram-nosib", "draft-truncated", "draft-self"])
+    ap.add_argument("--modes", nargs="+", default=["ngram", "ngram-always", "ngram-sib", "draft-truncated", "draft-self"])
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--draft-layers", type=int, default=8)
@@ -113,7 +113,7 @@ def main() -> None:
     configs = {
         "ngram": {"method": "ngram", "num_speculative_tokens": k},
         "ngram-always": {"method": "ngram", "num_speculative_tokens": k, "adaptive": False},
-        "ngram-nosib": {"method": "ngram", "num_speculative_tokens": k, "sibling_lookup": False},
+        "ngram-sib": {"method": "ngram", "num_speculative_tokens": k, "sibling_lookup": True},
         "draft-truncated": {"method": "draft_model", "num_speculative_tokens": k,
                             "model": str(make_truncated_draft(Path("/tmp/forklm-draft") / f"first{args.draft_layers}",
                                                               args.draft_layers))}

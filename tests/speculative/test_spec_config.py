@@ -12,8 +12,8 @@ from forklm.errors import InvalidParameterError
 
 def test_vllm_keys_parse_with_defaults():
     c = SpeculativeConfig.parse({"method": "ngram", "num_speculative_tokens": 3})
-    assert (c.method, c.num_speculative_tokens, c.prompt_lookup_max, c.prompt_lookup_min, c.adaptive) == \
-        ("ngram", 3, 4, 2, True)
+    assert (c.method, c.num_speculative_tokens, c.prompt_lookup_max, c.prompt_lookup_min, c.adaptive, c.sibling_lookup) == \
+        ("ngram", 3, 4, 2, True, False)
     c = SpeculativeConfig.parse('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 6}')
     assert (c.prompt_lookup_min, c.prompt_lookup_max) == (6, 6)
     c = SpeculativeConfig.parse({"model": "some/path", "num_speculative_tokens": 5})  # vLLM infers the method

@@ -4,8 +4,9 @@
     {"method": "draft_model", "model": "path/to/small-model", "num_speculative_tokens": 4}
 
 forklm's own keys: "adaptive" (default true: a request whose drafts do not pay for their verify
-steps decodes plainly; see switch.py) and "sibling_lookup" (ngram only, default true: a sample may
-draft from its sibling samples' text when its own has no match).
+steps decodes plainly; see switch.py) and "sibling_lookup" (ngram only, default false: a sample may
+draft from its sibling samples' text when its own has no match; measured no better on the embedded
+model, equal or slower in most cells of benchmarks/results/speculative_cpu.md).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class SpeculativeConfig:
     """draft_model: a checkpoint (Hugging Face folder, .gguf, hub id) with the target's vocabulary."""
     adaptive: bool = True
     """Fall back to plain decoding for a request while its drafts do not pay (switch.py)."""
-    sibling_lookup: bool = True
+    sibling_lookup: bool = False
     """ngram: with no match in its own text, a sample looks in its sibling samples' outputs."""
 
     @classmethod
