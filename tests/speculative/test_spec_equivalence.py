@@ -213,3 +213,19 @@ def test_adaptive_switch_on_changes_no_output(hf_models, llama):
         for _ in range(2):  # the second call starts with the costs the first one measured
             same(plain, generate(spec, PROMPTS, params))
         assert spec._engine.switch.cost_ratio is not None
+
+
+def test_an_aborted_stream_leaves_nothing_behind(hf_models, llama):
+    """Stopping a stream mid-way aborts its requests: the draft model's segments and rows and the
+    requests' speculation state are released, and the next call equals plain decoding."""
+    spec = LLM(llama, speculative_config={"method": "draft_model", "model": str(hf_models["llama_mha"][1]),
+                                          "num_speculative_tokens": 3, "adaptive": False})
+    params = SamplingParams(n=4, temperature=0.0, max_tokens=20)
+    stream = spec.stream(prompt_token_ids=PROMPTS, sampling_params=params)
+    for _ in range(5):
+        next(stream)
+    stream.close()
+    engine = spec._engine
+    assert not engine.has_unfinished() and not engine._spec
+    assert not engine._proposer._prompts and engine._proposer.storage.segment_tokens == 0
+    same(generate(LLM(llama), PROMPTS, params), generate(spec, PROMPTS, params))

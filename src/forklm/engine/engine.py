@@ -166,6 +166,7 @@ class Engine:
         req = sch.running.get(request_id)
         if req is not None:
             self._release(req, cache_samples=False)
+        self._spec.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
