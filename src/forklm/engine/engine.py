@@ -206,7 +206,7 @@ class Engine:
         dec_logits, dec_rows = None, []
         if plan.decode is not None:
             d = plan.decode
-            dec_rows = [r for r in _batch_rows(d) if sch.live[r]]
+            dec_rows = [r for r in d.rows if sch.live[r]]
             feed = self._next_tokens[d.pool_rows]  # [N]: each row's last drawn token, then its draft
             if drafts:
                 feed = feed.clone()
@@ -416,18 +416,6 @@ class Engine:
         if isinstance(self._proposer, DraftModelProposer):
             self._proposer.release(req.request_id, req.rows)
         self.scheduler.release(req, cache_samples)
-
-
-def _batch_rows(plan) -> list[int]:
-    """The pool row of each batch row of a decode plan (a row feeding several tokens listed once)."""
-    rows = plan.pool_rows.tolist()
-    if plan.query_len is None:
-        return rows
-    out, i = [], 0
-    for c in plan.counts:
-        out.append(rows[i])
-        i += c
-    return out
 
 
 def _merge(parts: list[SampleDelta]) -> SampleDelta:

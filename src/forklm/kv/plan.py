@@ -82,6 +82,7 @@ class DecodePlan:
     #                                  among a row's new tokens; padding sees its row's first key); None when Q = 1
     grid_index: Tensor | None = None  # [N] int64: r * Q + j, each token's place in the [R, Q] grid
     counts: list[int] = field(default_factory=list)  # query tokens of each batch row
+    rows: list[int] = field(default_factory=list)  # the pool row of each batch row (host), ascending
 
     @property
     def num_rows(self) -> int:
@@ -128,7 +129,7 @@ def build_decode_plan(batch: list[int], counts: list[int], write: list[int], pos
     groups = [LevelGroup.of(passes, len(tok_rows), device) for _, passes in sorted(by_depth.items())]
     dense = Q == 1 and batch == list(range(R))
     return DecodePlan(t(tok_rows), t(tok_pos), t(tok_write), t(pool_len), window, dense, levels, groups,
-                      query_len, grid, list(counts))
+                      query_len, grid, list(counts), list(batch))
 
 
 @dataclass
