@@ -9,9 +9,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .checkpoint import apply_weight_updates, load_checkpoint, weight_updates
+from .checkpoint import apply_weight_updates, checkpoint_dtype, load_checkpoint, resolve_model, weight_updates
 from .compile import bucket
-from .cpu_linear import pack_linears
+from .host import auto_dtype
+from .linear_choice import prepare_cpu_linears
+from .quant import QUANTIZATIONS, quantize_linears, quantize_values, unquantizable
 from .engine import Engine, check_context
 from .engine.speculative import SpeculativeConfig
 from .errors import (
@@ -56,7 +58,15 @@ class LLM:
 
     model: a Hugging Face folder, a .gguf file, a hub id (downloaded when online), or None for the
         embedded default model (SmolLM2-135M-Instruct).
-    dtype: "float32" | "bfloat16" | "float16".
+    dtype: "auto" (default: float32 for a float32 checkpoint; for a half-precision or quantized one,
+        bfloat16 where the device multiplies it natively, float32 elsewhere; `dtype_reason` says why)
+        | "float32" | "bfloat16" | "float16".
+        Under "auto", weights whose values are low precision (a GGUF file's Q8_0 / Q4_x blocks, or
+        `quantization`) may run float16-weight kernels where this host measured them faster
+        (linear_choice.py; within 2^-11 of each value); an explicit dtype holds them at that dtype.
+    quantization: None (weights as the checkpoint stores them) | "int8" (every linear weight rounded
+        to GGUF Q8_0: groups of 32, one scale) | "int4" (GGUF Q4_1: groups of 32, scale and minimum);
+        see quant.py. A GGUF file's own quantized blocks are used as they are either way.
     device: "cpu" | "cuda" | "cuda:N".
     kv_layout: "bifurcated" (the prompt's K/V stored once for all its samples; default) or
         "replicated" (copied per sample; the reference and baseline).
@@ -75,7 +85,7 @@ class LLM:
     def __init__(
         self,
         model: str | os.PathLike | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "cpu",
         kv_layout: str = "bifurcated",
         compile: bool = False,
@@ -84,13 +94,16 @@ class LLM:
         enable_prefix_caching: bool = True,
         prefill_chunk_tokens: int | None = None,
         speculative_config: dict | str | SpeculativeConfig | None = None,
+        quantization: str | None = None,
     ):
         speculative = SpeculativeConfig.parse(speculative_config)
         if speculative is not None and compile:
             raise InvalidParameterError("speculative_config", "is not supported with compile=True yet (verify steps "
                                         "feed a varying number of tokens, which a compiled step would recompile for)")
-        if dtype not in DTYPES:
-            raise InvalidParameterError("dtype", f"{dtype!r} is not one of {sorted(DTYPES)}")
+        if dtype not in (*DTYPES, "auto"):
+            raise InvalidParameterError("dtype", f"{dtype!r} is not one of {['auto', *sorted(DTYPES)]}")
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise InvalidParameterError("quantization", f"{quantization!r} is not one of {sorted(QUANTIZATIONS)} or None")
         if kv_layout not in KV_LAYOUTS:
             raise InvalidParameterError("kv_layout", f"{kv_layout!r} is not one of {sorted(KV_LAYOUTS)}")
         if kv_cache_memory is not None and not kv_cache_memory > 0:
@@ -109,15 +122,23 @@ class LLM:
             from .default_model import default_model_path
 
             model = default_model_path()
+        self.dtype_reason = "asked for"
+        # under "auto", low-precision weight values may be held at float16 (quant.py's bound); an
+        # explicit dtype runs every weight at that dtype exactly
+        self._low_precision_kernels = dtype == "auto"
+        if dtype == "auto":
+            stored = "quantized" if quantization else checkpoint_dtype(resolve_model(str(model)))
+            dtype, self.dtype_reason = auto_dtype(stored, self.device)
+            log.info("dtype auto: %s (%s)", dtype, self.dtype_reason)
         self.dtype = DTYPES[dtype]
+        self.quantization = quantization
         self.kv_layout, self.compile, self.memory_fraction = kv_layout, compile, memory_fraction
         self.kv_cache_memory = kv_cache_memory
         self.enable_prefix_caching, self.prefill_chunk_tokens = enable_prefix_caching, prefill_chunk_tokens
         self._engine: Engine | None = None
         ckpt = load_checkpoint(model, self.dtype, self.device)
         self.model, self.config, self.tokenizer = ckpt.model, ckpt.config, ckpt.tokenizer
-        if self.device.type == "cpu":
-            pack_linears(self.model)  # float32 only: oneDNN with prepacked weights (cpu_linear.py)
+        self._prepare_linears(self.model, ckpt.low_precision_linears)
         self.eos_token_ids = ckpt.eos_token_ids
         self.source = ckpt.source
         self._request_counter = 0
@@ -140,10 +161,20 @@ class LLM:
         if not _same_tokenizer(draft.tokenizer, self.tokenizer, cfg.vocab_size):
             raise InvalidParameterError(field, "the draft model's tokenizer differs from the target's: drafts would "
                                         "be other tokens")
-        if self.device.type == "cpu":
-            pack_linears(draft.model)
+        self._prepare_linears(draft.model, draft.low_precision_linears)
         log.info("draft model %s: %d layers", draft.source, cfg.n_layers)
         return draft.model
+
+    def _prepare_linears(self, model, low_precision: frozenset[str]) -> None:
+        """Quantize if asked, then give every linear its kernel for this host (linear_choice.py)."""
+        if self.quantization is not None:
+            bad = unquantizable(model)
+            if bad:
+                raise InvalidParameterError("quantization", f"{self.quantization} needs every linear's input size to "
+                                            f"be a multiple of 32; {bad[0]} is not")
+            low_precision = frozenset(quantize_linears(model, self.quantization))
+        if self.device.type == "cpu":
+            prepare_cpu_linears(model, set(low_precision) if self._low_precision_kernels else set())
 
     # ---- engines --------------------------------------------------------------------------
     def cache_bytes(self, shape: CacheShape) -> int:
@@ -236,12 +267,23 @@ class LLM:
             raise CheckpointError(f"update_weights: expected (name, tensor) pairs or a state_dict, got "
                                   f"{type(named_tensors).__name__}")
         updates = weight_updates(self.config, named_tensors)
+        if self.quantization is not None:  # rounded as at load; a tied head gets its own rounded copy
+            head = updates.get("tok_embeddings.weight") if self.config.tie_word_embeddings else None
+            updates = {n: quantize_values(t, self.quantization) if self._is_linear_weight(n) else t
+                       for n, t in updates.items()}
+            if head is not None:
+                updates["lm_head.weight"] = quantize_values(head, self.quantization)
         if self._engine is not None:
             self._engine.update_weights(updates)
         else:
             apply_weight_updates(self.model, updates)
         log.info("updated %d weight tensors; cached prefixes dropped", len(updates))
         return len(updates)
+
+    def _is_linear_weight(self, name: str) -> bool:
+        module_name, _, attr = name.rpartition(".")
+        return attr == "weight" and module_name != "tok_embeddings" and hasattr(self.model.get_submodule(module_name),
+                                                                                "in_features")
 
     # ---- generation -----------------------------------------------------------------------
     def encode(self, text: str, field: str = "prompts") -> list[int]:

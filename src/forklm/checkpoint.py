@@ -36,6 +36,8 @@ class LoadedCheckpoint:
     source: str  # the folder or file it came from
     tokenizer: object | None = None  # forklm.tokenizer.Tokenizer
     eos_token_ids: list[int] = field(default_factory=list)
+    # linears (forklm module names) whose weights the file stores at low precision (GGUF Q8_0, Q4_1, ...)
+    low_precision_linears: frozenset[str] = frozenset()
 
 
 def resolve_model(name_or_path: str) -> Path:
@@ -58,6 +60,32 @@ def resolve_model(name_or_path: str) -> Path:
             f"Hugging Face hub ({type(e).__name__}); pass a local folder or .gguf file instead"
         ) from None
     return Path(local)
+
+
+def checkpoint_dtype(path: Path) -> str | None:
+    """The dtype a checkpoint's weights are stored in: config.json's `torch_dtype` (or `dtype`) for a
+    Hugging Face folder, "quantized" for a GGUF file; None when not stated."""
+    if path.is_file():
+        return _gguf_dtype(path) if path.suffix == ".gguf" else None
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # loading reports what is wrong with it
+    value = raw.get("torch_dtype", raw.get("dtype")) if isinstance(raw, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _gguf_dtype(path: Path) -> str | None:
+    """"quantized" if any of the file's tensors is in a block format, else its float type."""
+    import gguf
+
+    try:
+        types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    except Exception:  # noqa: BLE001 - loading reports what is wrong with the file
+        return None
+    if types - {"F32", "F16", "BF16"}:
+        return "quantized"
+    return {"F16": "float16", "BF16": "bfloat16"}.get(next(iter(types - {"F32"}), "F32"), "float32")
 
 
 def load_checkpoint(name_or_path: str | os.PathLike, dtype: torch.dtype, device: str | torch.device) -> LoadedCheckpoint:
@@ -98,9 +126,14 @@ def _load_gguf(path: Path, dtype: torch.dtype, device) -> LoadedCheckpoint:
     ckpt = load_gguf(path, dtype)
     cfg = ModelConfig.from_hf(ckpt.config, source=str(path))
     tensors = ckpt.tensors
+    rules = weight_rules(cfg, set(tensors))
     model = build_model(cfg, set(tensors), lambda name: tensors.pop(name), dtype, device)
     eos_ids = list(ckpt.eos_token_ids) or list(cfg.eos_token_ids)
-    return LoadedCheckpoint(model, cfg, str(path), ckpt.tokenizer, eos_ids)
+    head = "lm_head.weight" if "lm_head.weight" in rules else "tok_embeddings.weight"  # tied: the embedding
+    low = frozenset(
+        name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+        and rules.get(head if name == "lm_head" else f"{name}.weight", ("",))[0] in ckpt.low_precision)
+    return LoadedCheckpoint(model, cfg, str(path), ckpt.tokenizer, eos_ids, low)
 
 
 class SafetensorsReader:
@@ -367,18 +400,18 @@ def read_weights(path: str | os.PathLike):
 
 def apply_weight_updates(model: Transformer, updates: dict[str, Tensor]) -> None:
     """Copy `updates` (from `weight_updates`) into `model` in place, converting dtype and device; packed
-    linears are packed again (and the packed copy of a tied embedding in the LM head with them)."""
-    from .cpu_linear import PackedLinear
-
+    linears are packed again (and the packed copy of a tied embedding in the LM head with them, unless
+    `updates` has its own "lm_head.weight", as a quantized LLM's does)."""
     with torch.no_grad():
         for name, value in updates.items():
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
-            if isinstance(module, PackedLinear) and attr == "weight":
+            if hasattr(module, "repack") and attr == "weight":  # cpu_linear's packed kernels
                 module.repack(value)
             else:
                 getattr(module, attr).copy_(value)
-        if model.config.tie_word_embeddings and "tok_embeddings.weight" in updates and isinstance(model.lm_head, PackedLinear):
+        if (model.config.tie_word_embeddings and "tok_embeddings.weight" in updates
+                and "lm_head.weight" not in updates and hasattr(model.lm_head, "repack")):
             model.lm_head.repack(model.tok_embeddings.weight)
 
 

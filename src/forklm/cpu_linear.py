@@ -12,6 +12,12 @@ packed weight instead of the dense one (same memory; a weight tied to the embedd
 too, so the LM head then costs one more copy). The kernel is called through the custom op
 `forklm::packed_linear`: inductor cannot lower oneDNN's linear on a weight that is a graph input, and
 a custom op is opaque to it, so compiled and eager decode run the same kernel.
+
+Weights whose values are already low precision (a GGUF file's Q8_0 / Q4_x blocks, or `quantization=`)
+can also run through fbgemm's GEMM on float16 weights with float32 activations (`Fp16Linear`, via
+`forklm::fp16_linear`): half the bytes of float32 and, on the 2-core AVX2 host, 2.0-2.5x faster than
+the packed float32 linear at 1-4 rows but slower from about 64 rows. `LowPrecisionLinear` holds both
+and picks by the call's row count, at the crossover measured for this host (`linear_choice.py`).
 """
 
 from __future__ import annotations
@@ -93,3 +99,85 @@ def pack_linears(model: nn.Module) -> int:
         log.info("packed %d float32 linears for oneDNN", len(targets))
     return len(targets)
 
+
+
+def fp16_weights_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.aten,
+                                                                                "fbgemm_pack_gemm_matrix_fp16")
+
+
+@functools.cache
+def fp16_linear_op():
+    """The custom op `forklm::fp16_linear(x, packed_weight, bias, out_features)`, defined on first use.
+    `packed_weight` is fbgemm's opaque handle (a small uint8 tensor), so inductor must not look inside."""
+
+    @torch.library.custom_op("forklm::fp16_linear", mutates_args=())
+    def fp16_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+        return torch.ops.aten.fbgemm_linear_fp16_weight(x.contiguous(), weight, bias)
+
+    @fp16_linear.register_fake
+    def _(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
+        return x.new_empty(*x.shape[:-1], out_features)
+
+    return fp16_linear
+
+
+def pack_fp16(weight: Tensor) -> Tensor:
+    """fbgemm's packed float16 copy of a float32 weight [out, in] (an opaque handle tensor)."""
+    return torch.ops.aten.fbgemm_pack_gemm_matrix_fp16(weight.detach().to(device="cpu", dtype=torch.float32)
+                                                       .contiguous())
+
+
+class LowPrecisionLinear(nn.Module):
+    """y = x W^T + b for a weight whose values are low precision (see quant.py), float32 activations
+    on CPU: fbgemm on float16 weights for calls of at most `fp16_max_rows` rows, the oneDNN-packed float32
+    weight above (kept only when some row count needs it: `fp16_max_rows` < the largest call). Float16
+    holds every such value within 2^-11 of itself (quant.LOW_PRECISION_REL_BOUND). Inference only."""
+
+    def __init__(self, linear: nn.Linear, fp16_max_rows: int, keep_fp32: bool):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.fp16_max_rows, self.keep_fp32 = fp16_max_rows, keep_fp32
+        bias = None if linear.bias is None else linear.bias.detach().to(torch.float32).clone()
+        self.register_buffer("bias", bias, persistent=False)
+        self._fp16_op, self._packed_op = fp16_linear_op(), packed_linear_op()
+        self.repack(linear.weight)
+
+    def repack(self, weight: Tensor) -> None:
+        """Replace the weight with `weight` [out, in] (packed again in each kept format)."""
+        assert tuple(weight.shape) == (self.out_features, self.in_features)
+        w = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        # the packed weights are opaque handles [8] / mkldnn tensors; not saved with state_dict
+        self.register_buffer("weight_fp16", pack_fp16(w), persistent=False)
+        fp32 = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) if self.keep_fp32 else None
+        self.register_buffer("weight", fp32, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // self.in_features
+        if rows <= self.fp16_max_rows or self.weight is None:
+            return self._fp16_op(x, self.weight_fp16, self.bias, self.out_features)  # [..., in] -> [..., out]
+        return self._packed_op(x, self.weight, self.bias)  # [..., in] -> [..., out]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"fp16_max_rows={self.fp16_max_rows}, keep_fp32={self.keep_fp32}")
+
+
+def use_low_precision_linears(model: nn.Module, names: set[str], fp16_max_rows: int, keep_fp32: bool) -> int:
+    """Swap the float32 CPU linears named in `names` for `LowPrecisionLinear`s, in place; returns how many.
+    A linear whose weight float16 cannot hold (|w| > 65504) keeps its float32 kernel."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if name not in names or not should_pack(module):
+            continue
+        if module.weight.detach().abs().max().item() > torch.finfo(torch.float16).max:
+            log.warning("%s: weights beyond float16's range; it keeps the float32 kernel", name)
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, LowPrecisionLinear(module, fp16_max_rows, keep_fp32))
+        count += 1
+    if count:
+        log.info("%d low-precision linears: float16 weights up to %d rows%s", count, fp16_max_rows,
+                 ", packed float32 above" if keep_fp32 else "")
+    return count

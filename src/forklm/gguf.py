@@ -23,7 +23,7 @@ import math
 import mmap
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from forklm.errors import CheckpointError, TokenizerError, UnsupportedModelError
+from forklm.quant import LOW_PRECISION_TYPES
 from forklm.tokenizer import GGUF_TOKENIZER_MODELS, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class GGUFCheckpoint:
     chat_template: str | None  # `tokenizer.chat_template`, if the file has one
     eos_token_ids: list[int]  # ids that end generation
     bos_token_id: int | None
+    low_precision: set[str] = field(default_factory=set)  # names of tensors stored in quant.LOW_PRECISION_TYPES
 
 
 @dataclass(frozen=True)
@@ -118,10 +120,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype) -> GGUFCheckpoint:
     bos_token_id, eos_token_ids = _special_ids(tokenizer, metadata)
     config["bos_token_id"] = bos_token_id
     config["eos_token_id"] = eos_token_ids[0] if eos_token_ids else None
-    tensors = _load_tensors(reader, architecture, config, dtype, path)
+    tensors, low_precision = _load_tensors(reader, architecture, config, dtype, path)
     return GGUFCheckpoint(
         config=config,
         tensors=tensors,
+        low_precision=low_precision,
         tokenizer=tokenizer,
         chat_template=metadata.get("tokenizer.chat_template"),
         eos_token_ids=eos_token_ids,
@@ -131,19 +134,22 @@ def load_gguf(path: str | Path, dtype: torch.dtype) -> GGUFCheckpoint:
 
 def _load_tensors(
     reader: gguf.GGUFReader, arch: _Architecture, config: dict, dtype: torch.dtype, path: Path
-) -> dict[str, torch.Tensor]:
-    """Every tensor under its Hugging Face name, dequantized one at a time.
+) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """Every tensor under its Hugging Face name, dequantized one at a time, and the names of those
+    the file stores in a low-precision type (quant.LOW_PRECISION_TYPES).
 
     `rope_freqs.weight` is not a weight: it becomes config["rope_scaling"].
     """
-    tensors = {}
+    tensors, low_precision = {}, set()
     for tensor in reader.tensors:
         if tensor.name == _ROPE_FREQS and arch.model_type == "llama":
             config["rope_scaling"] = _llama3_rope_scaling(_dequantize(tensor, path), config, path)
             continue
         hf_name, value = _convert_tensor(tensor, arch, config, dtype, path)
         tensors[hf_name] = value
-    return tensors
+        if tensor.tensor_type.name in LOW_PRECISION_TYPES:
+            low_precision.add(hf_name)
+    return tensors, low_precision
 
 
 def _special_ids(tokenizer: Tokenizer | None, metadata: dict[str, Any]) -> tuple[int | None, list[int]]:

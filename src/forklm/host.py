@@ -1,0 +1,47 @@
+"""What this machine can do, for choices made per host: the default dtype.
+
+`dtype="auto"` takes bfloat16 only where the CPU multiplies it natively (AMX or AVX512-BF16 in
+/proc/cpuinfo's flags): on the AVX2 host seen before, bfloat16 GEMMs ran 5x slower than float32, on an
+AMX host 7x faster (../benchmarks/results/cpu_linear*). torch 2.13 has no public query for these
+flags, so they are read from the kernel's own list.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16_flags() -> list[str]:
+    return [f for f in NATIVE_BF16_FLAGS if f in cpu_flags()]
+
+
+def auto_dtype(checkpoint_dtype: str | None, device: torch.device) -> tuple[str, str]:
+    """(dtype name, why) for `dtype="auto"`. checkpoint_dtype: the weights' own dtype ("float32",
+    "bfloat16", "float16"; "quantized" for a GGUF file's low-precision blocks; None when not stated).
+    A float32 checkpoint stays float32; a half-precision or quantized one runs bfloat16 where the
+    device multiplies it natively, else float32."""
+    if checkpoint_dtype not in (*HALF_DTYPES, "quantized"):
+        return "float32", f"the checkpoint's weights are {checkpoint_dtype or 'float32 (not stated)'}"
+    if device.type == "cuda":
+        return "bfloat16", "a CUDA device"
+    flags = native_bf16_flags()
+    if flags:
+        return "bfloat16", f"this CPU multiplies bfloat16 natively ({', '.join(flags)})"
+    return "float32", "this CPU has no native bfloat16 (no AMX or AVX512-BF16)"
