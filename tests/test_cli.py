@@ -26,6 +26,17 @@ def test_generate_json_on_default_model():
     assert all(len(s["token_ids"]) <= 6 and isinstance(s["text"], str) for s in payload["samples"])
 
 
+def test_generate_quantized_json_on_a_tiny_model_and_a_bad_one(hf_models, tmp_path):
+    from test_quant import _llama
+
+    _llama(False, 0).save_pretrained(tmp_path)
+    r = forklm("generate", str(tmp_path), "--prompt", "x", "--max-tokens", "3", "--quantization", "int4", "--json")
+    assert r.returncode == 2 and "no tokenizer" in r.stderr  # it loaded and quantized; the prompt needs a tokenizer
+    r = forklm("generate", str(hf_models["llama_mha"][1]), "--prompt", "x", "--quantization", "int8")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "quantization" in lines[0] and "multiple of 32" in lines[0]
+
+
 def test_generate_text_on_tiny_model(hf_models):
     _, folder = hf_models["gpt2"]  # no tokenizer: token ids are printed
     r = forklm("generate", str(folder), "--prompt", "hi", "--max-tokens", "4")
@@ -48,6 +59,8 @@ def test_generate_text_on_tiny_model(hf_models):
         (["generate", "--prompt", "x", "--speculative-config", '{"method": "ngram"}'],
          "speculative_config.num_speculative_tokens"),
         (["serve", "--speculative-config", '{"method": "x", "num_speculative_tokens": 2}'], "speculative_config.method"),
+        (["generate", "--prompt", "x", "--quantization", "int3"], "invalid choice"),
+        (["generate", "--prompt", "x", "--dtype", "float8"], "invalid choice"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, message):

@@ -165,6 +165,20 @@ class LLM:
         log.info("draft model %s: %d layers", draft.source, cfg.n_layers)
         return draft.model
 
+    def precision_summary(self) -> str:
+        """One line: the dtype and why, the quantization, and the linears held at float16."""
+        from .cpu_linear import LowPrecisionLinear
+
+        dtype = str(self.dtype).removeprefix("torch.")
+        line = f"dtype {dtype} ({'auto: ' if self._low_precision_kernels else ''}{self.dtype_reason})"
+        if self.quantization:
+            line += f"; quantization {self.quantization}"
+        low = [m for m in self.model.modules() if isinstance(m, LowPrecisionLinear)]
+        if low:
+            line += (f"; {len(low)} low-precision linears run float16 weights up to {low[0].fp16_max_rows} rows "
+                     f"(measured faster on this CPU)")
+        return line
+
     def _prepare_linears(self, model, low_precision: frozenset[str]) -> None:
         """Quantize if asked, then give every linear its kernel for this host (linear_choice.py)."""
         if self.quantization is not None:

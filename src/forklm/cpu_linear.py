@@ -110,6 +110,7 @@ def fp16_weights_available() -> bool:
 def fp16_linear_op():
     """The custom op `forklm::fp16_linear(x, packed_weight, bias, out_features)`, defined on first use.
     `packed_weight` is fbgemm's opaque handle (a small uint8 tensor), so inductor must not look inside."""
+    _silence_fp16_deprecation()
 
     @torch.library.custom_op("forklm::fp16_linear", mutates_args=())
     def fp16_linear(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int) -> Tensor:
@@ -120,6 +121,25 @@ def fp16_linear_op():
         return x.new_empty(*x.shape[:-1], out_features)
 
     return fp16_linear
+
+
+def _silence_fp16_deprecation() -> None:
+    """torch 2.13 prints a C++ deprecation line (straight to fd 2, once per process) on the first use
+    of each fbgemm float16 op. Make those first uses here, on a dummy weight, with fd 2 pointed at
+    /dev/null, so that `forklm generate --json` and `serve` keep a clean stderr. The ops are
+    feature-detected (`fp16_weights_available`): when torch drops them, the float32 kernels run."""
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            torch.ops.aten.fbgemm_linear_fp16_weight(torch.zeros(1, 16), pack_fp16(torch.zeros(16, 16)), None)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def pack_fp16(weight: Tensor) -> Tensor:

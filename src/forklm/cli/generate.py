@@ -20,7 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off")
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto (default): bfloat16 for a half-precision or quantized checkpoint where this CPU "
+                        "multiplies it natively, float32 otherwise; the choice is printed")
+    p.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                   help="round every linear weight to GGUF Q8_0 (int8) or Q4_1 (int4), groups of 32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--kv-layout", choices=["bifurcated", "replicated"], default="bifurcated")
     p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
@@ -51,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
     status.say(f"loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...")
     t0 = time.perf_counter()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_layout=args.kv_layout, compile=args.compile,
+              quantization=args.quantization,
               speculative_config=args.speculative_config)
-    status.say(f"loaded in {time.perf_counter() - t0:.1f} s ({args.dtype}, {args.device})"
+    status.say(f"loaded in {time.perf_counter() - t0:.1f} s on {args.device}; {llm.precision_summary()}"
                + ("; the first step compiles the model (tens of seconds on a small CPU)" if args.compile else ""))
     if args.stream:
         return _stream(llm, args, params)

@@ -46,7 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-grace", type=float, default=30.0,
                    help="seconds SIGTERM / Ctrl-C leaves running requests to finish (new ones get 503); a second "
                         "signal ends them at once (default 30; 0: at once)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="auto (default): bfloat16 for a half-precision or quantized checkpoint where this CPU "
+                        "multiplies it natively, float32 otherwise; the choice is printed")
+    p.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                   help="round every linear weight to GGUF Q8_0 (int8) or Q4_1 (int4), groups of 32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--kv-layout", choices=["bifurcated", "replicated"], default="bifurcated")
     p.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile")
@@ -84,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
     sys.stderr.write(f"forklm serve: loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...\n")
     sys.stderr.flush()
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kv_layout=args.kv_layout, compile=args.compile,
+              quantization=args.quantization,
               kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
               prefill_chunk_tokens=args.prefill_chunk_tokens, speculative_config=speculative)
+    sys.stderr.write(f"forklm serve: {llm.precision_summary()}\n")
     context_len = llm.config.max_position_embeddings
     shape = CacheShape(
         max_prompts=args.max_prompts,
