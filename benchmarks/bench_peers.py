@@ -7,9 +7,10 @@ ms per decode step (one step = one token for each of the n sequences) and decode
     python benchmarks/bench_peers.py --forklm-configs '{"name": "f32"}' '{"name": "bf16", "dtype": "bfloat16"}'
 
 llama.cpp cells: one `llama-batched-bench -pps` process per cell and mode, `-npl n` repeated --reps times (the
-best kept); modes `kvu` (-kvu: one KV buffer, the prompt's cells shared by all sequences, attention over the
-whole buffer with a mask) and `split` (a KV stream per sequence: the prompt's K/V copied into each). Its prompt is
-token id 0 repeated L times and each step decodes token 0 again (no sampling; the logits are computed).
+best kept); modes `kvu` (-kvu: one KV buffer, the prompt's cells shared by all sequences, every query attending
+over all L + n*t cells with a mask) and `split` (a KV stream per sequence: the prompt's K/V copied into each, a copy
+llama.cpp defers to the first decode step, so it lands in T_TG, not T_PP). Its prompt is token id 0 repeated L
+times and each step decodes token 0 again (no sampling; the logits are computed).
 forklm cells: `llm.make_engine` (a fresh engine and prefix cache per cell) with one request of
 `SamplingParams(n, max_tokens=T, temperature=0.8, seed=0, ignore_eos=True)` on an English prompt; the first
 `engine.step()` is prefill + first token (TTFT), the first decode step is a warm-up, the median of the others is
@@ -49,9 +50,8 @@ def host(threads: int) -> dict:
 
 def _busy() -> tuple[float, float, float]:
     """(CPU s used by the machine, by this process and its waited-for children, wall clock)."""
-    t, c = psutil.cpu_times(), psutil.Process().cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0), c.user + c.system + c.children_user + c.children_system, \
-        time.perf_counter()
+    t, c, wall = psutil.cpu_times(), psutil.Process().cpu_times(), time.perf_counter()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0), c.user + c.system + c.children_user + c.children_system, wall
 
 
 def others_cores(mark: tuple[float, float, float]) -> float:
@@ -125,9 +125,7 @@ def forklm_cell(llm: LLM, prompt: list[int], n: int, T: int, reps: int) -> dict:
 
 
 def make_prompt(llm: LLM, L: int) -> list[int]:
-    ids = llm.encode(TEXT * (L // 20 + 2), field="prompts")
-    assert len(ids) >= L
-    return ids[:L]
+    return llm.encode(TEXT * (L // 20 + 2))[:L]  # ~40 tokens per TEXT: about 2L tokens
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -156,6 +154,7 @@ def plot(cells: list[dict], path: Path, title: str) -> None:
                title=f"prompt {L} tokens")
         ns = sorted({c["n"] for c in cells})
         ax.set_xticks(ns, [str(n) for n in ns])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
@@ -180,7 +179,7 @@ def main() -> None:
     ap.add_argument("--forklm-kwargs", type=json.loads, default={}, help="JSON passed to every LLM(...)")
     ap.add_argument("--forklm-configs", type=json.loads, nargs="+", default=[{"name": "float32"}],
                     help="JSON objects: a name and LLM(...) keyword arguments (over --forklm-kwargs)")
-    ap.add_argument("--quiet-wait", type=float, default=60.0, help="before each cell, wait up to this long (s) for "
+    ap.add_argument("--quiet-wait", type=float, default=20.0, help="before each cell, wait up to this long (s) for "
                     "other processes to leave the CPUs")
     ap.add_argument("--out", default="benchmarks/results/peers_cpu")
     args = ap.parse_args()
@@ -195,8 +194,7 @@ def main() -> None:
         reason = (f"llama.cpp cells skipped: no executable llama-batched-bench ({args.llama_batched_bench!r}; "
                   "pass --llama-batched-bench PATH or set FORKLM_LLAMA_BATCHED_BENCH)")
         print(reason, flush=True)
-        res["skipped"].append(reason)
-        llama = False
+        res["skipped"], llama = [reason], False
     llms = {}
     if "forklm" in args.engines:
         for cfg in args.forklm_configs:
@@ -204,8 +202,7 @@ def main() -> None:
             name = f"forklm {cfg.get('name', json.dumps(kw))}"
             llms[name] = (LLM(**kw), kw)
             llms[name][0].generate("Hello", SamplingParams(max_tokens=4, seed=0), use_tqdm=False)  # warm-up
-    if llms:
-        res["forklm_configs"] = {k: kw for k, (_, kw) in llms.items()}
+    res["forklm_configs"] = {k: kw for k, (_, kw) in llms.items()}
     print(" | ".join(c[0] for c in COLUMNS), flush=True)
 
     def record(cell: dict) -> None:
@@ -236,7 +233,7 @@ def main() -> None:
     note = (f"{T} new tokens per sequence, the prompt shared by the n sequences; best of {args.reps} runs per cell "
             "(prefill and step each their minimum; every run's ms/step in 'reps'). "
             f"Model: `{gguf}` (forklm configs: {res.get('forklm_configs')}). "
-            "llama.cpp: prefill = T_PP (prompt decode + seq copies, no sampling), ms/step = T_TG / T (every step "
+            "llama.cpp: prefill = T_PP (one prompt decode, no sampling), ms/step = T_TG / T (every step "
             "decodes token 0, logits computed, nothing sampled); its prompt is token 0 repeated L times, forklm's an "
             "English text (attention cost depends only on the lengths). forklm: prefill = TTFT (prefill + first "
             "token sampled), ms/step = median decode step after a warm-up step (model, sampling, bookkeeping). "
