@@ -17,24 +17,27 @@ import torch
 from torch import Tensor
 
 from ..kv.plan import DecodePlan, LevelGroup, PrefillChunk
-from ..kv.storage import SamplePool, write_at
-from .ops import attention_with_lse, attention_with_lse_per_query, causal_attention, causal_attention_with_lse, merge_with_lse
+from ..kv.storage import SamplePool, flat_index, write_at
+from .ops import (KeyMask, attention_with_lse, attention_with_lse_per_query, causal_attention, causal_attention_with_lse,
+                  key_mask, merge_with_lse)
 
 
-def _level_pass(q: Tensor, k: Tensor, v: Tensor, length: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _level_pass(q: Tensor, k: Tensor, v: Tensor, length: Tensor, scale: float,
+                mask: KeyMask | None = None) -> tuple[Tensor, Tensor]:
     """R rows' queries q [R, H, D] against one segment k/v [Hkv, L, D] (first `length` valid):
     the R * G queries of a kv head are the rows of one kernel call. Returns [R, H, D], [R, H]."""
     r, h, d = q.shape
     hkv = k.shape[0]
     g = h // hkv
     qs = q.reshape(r, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, r * g, d)  # [1, Hkv, R*G, D]
-    out, lse = attention_with_lse(qs, k.unsqueeze(0), v.unsqueeze(0), length, scale)  # [1, Hkv, R*G, D], [1, Hkv, R*G]
+    out, lse = attention_with_lse(qs, k.unsqueeze(0), v.unsqueeze(0), length, scale, mask)  # [1, Hkv, R*G, D], [1, Hkv, R*G]
     out = out.reshape(hkv, r, g, d).permute(1, 0, 2, 3).reshape(r, h, d)  # [R, H, D]
     lse = lse.reshape(hkv, r, g).permute(1, 0, 2).reshape(r, h)  # [R, H]
     return out, lse
 
 
-def _group_pass(qz: Tensor, group: LevelGroup, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def _group_pass(qz: Tensor, group: LevelGroup, k: Tensor, v: Tensor, scale: float,
+                mask: KeyMask | None = None) -> tuple[Tensor, Tensor]:
     """P segments k/v [P, Hkv, W, D] (first group.lengths[p] valid), each against its own rows'
     queries, in one kernel call. qz [B + 1, H, D]: the batch's queries and a zero row (padding).
     Returns [U, H, D], [U, H] for group.rows."""
@@ -44,16 +47,29 @@ def _group_pass(qz: Tensor, group: LevelGroup, k: Tensor, v: Tensor, scale: floa
     g = h // hkv
     qs = qz[group.query_index]  # [P, M, H, D]
     qs = qs.reshape(p, m, hkv, g, d).permute(0, 2, 1, 3, 4).reshape(p, hkv, m * g, d)  # [P, Hkv, M*G, D]
-    out, lse = attention_with_lse(qs, k, v, group.lengths, scale)  # [P, Hkv, M*G, D], [P, Hkv, M*G]
+    out, lse = attention_with_lse(qs, k, v, group.lengths, scale, mask)  # [P, Hkv, M*G, D], [P, Hkv, M*G]
     out = out.reshape(p, hkv, m, g, d).permute(0, 2, 1, 3, 4).reshape(p * m, h, d)  # [P*M, H, D]
     lse = lse.reshape(p, hkv, m, g).permute(0, 2, 1, 3).reshape(p * m, h)  # [P*M, H]
     return out[group.out_index], lse[group.out_index]  # [U, H, D], [U, H]
 
 
 class DecodeAttention:
+    """One decode step's attention. What depends only on the plan (the pool's write index, each
+    level's key mask) is built at the first layer and reused by the others: the lengths are the same
+    in every layer, and rebuilding them cost ~10 small ops per level per layer."""
+
     def __init__(self, pool: SamplePool, plan: DecodePlan):
         self.pool, self.plan = pool, plan
         self._stacks: dict[int, Tensor] = {}  # group -> [2, P, Hkv, W, D] zeros, refilled per layer
+        self._write_index: Tensor | None = None  # [N * Hkv] into a pool buffer's flat [S*Hkv*T, D] view
+        self._masks: dict[object, KeyMask | None] = {}  # "pool" / group index -> its key mask (CPU only)
+
+    def _mask(self, key, valid: Tensor, length: int, q: Tensor) -> KeyMask | None:
+        if q.device.type != "cpu":
+            return None
+        if key not in self._masks:
+            self._masks[key] = key_mask(valid, length, q.dtype)
+        return self._masks[key]
 
     def _stack(self, i: int, group: LevelGroup, layer: int) -> tuple[Tensor, Tensor]:
         """The group's segments side by side for `layer`: [P, Hkv, W, D] each for K and V (slots past a
@@ -70,8 +86,10 @@ class DecodeAttention:
         # q [N, H, 1, D]; k, v [N, Hkv, 1, D]: one query token per row, or several (a verified draft)
         plan, pool = self.plan, self.pool
         kp, vp = pool.k[layer], pool.v[layer]  # [S, Hkv, T, D]
-        write_at(kp, plan.pool_rows, plan.write_pos, k[:, :, 0])  # written before attending: no level is empty
-        write_at(vp, plan.pool_rows, plan.write_pos, v[:, :, 0])
+        if self._write_index is None:
+            self._write_index = flat_index(kp.shape, plan.pool_rows, plan.write_pos)
+        write_at(kp, self._write_index, k[:, :, 0])  # written before attending: no level is empty
+        write_at(vp, self._write_index, v[:, :, 0])
         b, h, _, d = q.shape
         hkv = k.shape[1]
         g = h // hkv
@@ -90,7 +108,8 @@ class DecodeAttention:
         else:
             qp = q if plan.dense else q.new_zeros(r, h, d).index_copy_(0, plan.pool_rows, q)  # [R, H, D] pool order
             out, lse = attention_with_lse(
-                qp.reshape(r, hkv, g, d), kp[:r, :, :w], vp[:r, :, :w], plan.pool_len, scale
+                qp.reshape(r, hkv, g, d), kp[:r, :, :w], vp[:r, :, :w], plan.pool_len, scale,
+                self._mask("pool", plan.pool_len, w, q),
             )  # [R, Hkv, G, D], [R, Hkv, G]
             out, lse = out.reshape(r, h, d), lse.reshape(r, h)  # [R, H, D], [R, H]
             if not plan.dense:
@@ -100,12 +119,15 @@ class DecodeAttention:
             if group.query_index is None:  # one segment: read in place
                 seg = group.passes[0].segment
                 n = group.width
-                o, l = _level_pass(q[group.rows], seg.k(layer)[:, :n], seg.v(layer)[:, :n], group.lengths, scale)
+                o, l = _level_pass(q[group.rows], seg.k(layer)[:, :n], seg.v(layer)[:, :n], group.lengths, scale,
+                                   self._mask(i, group.lengths, n, q))
             else:
                 if qz is None:
                     qz = torch.cat([q, q.new_zeros(1, h, d)])  # [N + 1, H, D]: row N pads
-                o, l = _group_pass(qz, group, *self._stack(i, group, layer), scale)
-            o, l = merge_with_lse(out[group.rows], lse[group.rows], o, l)  # [U, H, D], [U, H]
+                o, l = _group_pass(qz, group, *self._stack(i, group, layer), scale,
+                                   self._mask(i, group.lengths, group.width, q))
+            # the pool level has a key in every row (written above), so the running part a is never empty
+            o, l = merge_with_lse(out[group.rows], lse[group.rows], o, l, may_be_empty=False)  # [U, H, D], [U, H]
             if isinstance(group.rows, slice):
                 out[group.rows], lse[group.rows] = o, l
             else:

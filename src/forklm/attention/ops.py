@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,23 @@ def _additive_mask(keep: Tensor, dtype: torch.dtype, neg: float) -> Tensor:
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, neg)
 
 
+@dataclass(frozen=True)
+class KeyMask:
+    """One attention call's key mask, prepared once and reused by every layer of a step (the lengths
+    do not change between layers): the CPU kernel's additive mask, and which rows have no key."""
+
+    additive: Tensor  # [B, 1, 1, L] 0 where a key is valid, -inf elsewhere, in the queries' dtype
+    empty: Tensor | None  # [B] bool: rows with valid_len == 0; None when no row is empty
+
+
+def key_mask(valid_len: Tensor, length: int, dtype: torch.dtype) -> KeyMask:
+    """The KeyMask of `attention_with_lse(q, k, v, valid_len, ...)` for keys of `length` and q of `dtype`."""
+    empty = valid_len == 0  # [B]
+    if not torch.compiler.is_compiling() and not empty.any():  # (compiled: no data-dependent branch, always fix)
+        empty = None
+    return KeyMask(_additive_mask(_key_mask(valid_len, length), dtype, -math.inf), empty)
+
+
 def _fix_empty_rows(out: Tensor, lse: Tensor, valid_len: Tensor) -> tuple[Tensor, Tensor]:
     """Rows with no valid key: out = 0, lse = -inf (kernels return lse = 0 or garbage)."""
     empty = (valid_len == 0)[:, None, None]  # [B, 1, 1]
@@ -138,12 +156,12 @@ def attention_with_lse_reference(
 
 
 def _cpu_flash_with_lse(
-    q: Tensor, k: Tensor, v: Tensor, valid_len: Tensor, scale: float
+    q: Tensor, k: Tensor, v: Tensor, valid_len: Tensor, scale: float, prepared: KeyMask | None = None
 ) -> tuple[Tensor, Tensor]:
     """CPU flash kernel. Needs M > 0 and L > 0 (the op SIGFPEs otherwise: caller checks)."""
-    keep = _key_mask(valid_len, k.shape[-2])  # [B, 1, 1, L]
-    # Additive mask in q's dtype: the op refuses a bool mask.
-    mask = _additive_mask(keep, q.dtype, -math.inf)  # [B, 1, 1, L]
+    if prepared is None or prepared.additive.shape[-1] != k.shape[-2] or prepared.additive.dtype != q.dtype:
+        prepared = key_mask(valid_len, k.shape[-2], q.dtype)  # an additive mask in q's dtype: a bool one is refused
+    mask = prepared.additive  # [B, 1, 1, L]
     m = q.shape[-2]
     if m == 1 and q.dtype != torch.float32:
         # One query row in bf16/fp16 takes a slow path of the kernel: two copies of the row run 3x
@@ -152,7 +170,8 @@ def _cpu_flash_with_lse(
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, attn_mask=mask, scale=scale
     )  # out [B, Hkv, M', D] q.dtype, lse [B, Hkv, M'] float32
-    return _fix_empty_rows(out[:, :, :m], lse[:, :, :m].float(), valid_len)
+    out, lse = out[:, :, :m], lse[:, :, :m].float()
+    return (out, lse) if prepared.empty is None else _fix_empty_rows(out, lse, valid_len)
 
 
 def _cuda_efficient_with_lse(
@@ -198,11 +217,12 @@ def _fast_path(q: Tensor, k: Tensor):
 
 
 def attention_with_lse(
-    q: Tensor, k: Tensor, v: Tensor, valid_len: Tensor, scale: float
+    q: Tensor, k: Tensor, v: Tensor, valid_len: Tensor, scale: float, mask: KeyMask | None = None
 ) -> tuple[Tensor, Tensor]:
     """Non-causal attention of M query rows per kv head to the first valid_len[b] keys.
 
     q: [B, Hkv, M, D]; k, v: [B, Hkv, L, D]; valid_len: [B] int64, 0 <= valid_len <= L.
+    mask: `key_mask(valid_len, L, q.dtype)`, when the caller reuses one across layers (else built here).
     Returns out [B, Hkv, M, D] in q.dtype and lse [B, Hkv, M] float32, the
     log-sum-exp of the scaled, masked scores. Rows with valid_len == 0 give
     out = 0 and lse = -inf.
@@ -210,10 +230,11 @@ def attention_with_lse(
     kernel = _fast_path(q, k)
     if kernel is None:
         return attention_with_lse_reference(q, k, v, valid_len, scale)
+    args = (q, k, v, valid_len, scale) + ((mask,) if kernel is _cpu_flash_with_lse else ())
     if torch.compiler.is_compiling():
-        return kernel(q, k, v, valid_len, scale)
+        return kernel(*args)
     try:
-        return kernel(q, k, v, valid_len, scale)
+        return kernel(*args)
     except RuntimeError as exc:  # a private kernel refusing these shapes/strides
         logger.debug("attention kernel %s refused, using reference: %s", kernel.__name__, exc)
         return attention_with_lse_reference(q, k, v, valid_len, scale)
@@ -238,22 +259,26 @@ def attention_with_lse_per_query(
     return _masked_reference(q, k, v, keep, scale)
 
 
-def merge_with_lse(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+def merge_with_lse(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
+                   may_be_empty: bool = True) -> tuple[Tensor, Tensor]:
     """Exact merge of two attentions over disjoint key sets by their log-sum-exps.
 
     out_*: [..., D]; lse_*: [...] (float32). Returns (out in out_a.dtype, lse float32), the lse being
     that of the union of both key sets, so merges fold: merging level after level is exact in any
-    order. Where both lse are -inf (no key in either part) out is 0 and lse -inf.
+    order. Where both lse are -inf (no key in either part) out is 0 and lse -inf. A caller that
+    knows part a has a key in every row passes may_be_empty=False and skips those guards.
     """
     lse_a = lse_a.float()
     lse_b = lse_b.float()
     m = torch.maximum(lse_a, lse_b)  # [...]
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # -inf only when both parts are empty
+    if may_be_empty:
+        m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # -inf only when both parts are empty
     w_a = torch.exp(lse_a - m)  # [...]
     w_b = torch.exp(lse_b - m)  # [...]
     denom = w_a + w_b
     lse = m + torch.log(denom)  # [...]; log(0) = -inf where both are empty
-    denom = torch.where(denom == 0, torch.ones_like(denom), denom)
+    if may_be_empty:
+        denom = torch.where(denom == 0, torch.ones_like(denom), denom)
     out = (out_a.float() * w_a[..., None] + out_b.float() * w_b[..., None]) / denom[..., None]  # [..., D]
     return out.to(out_a.dtype), lse
 

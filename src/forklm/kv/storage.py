@@ -68,15 +68,21 @@ class Segment:
         self.kv[layer, 1, :, offset : offset + c] = v
 
 
-def write_at(buf: Tensor, rows: Tensor, pos: Tensor, x: Tensor) -> None:
-    """buf[rows[i], :, pos[i]] = x[i] for every i, as one index_copy_ into a flat view.
+def flat_index(shape: torch.Size, rows: Tensor, pos: Tensor) -> Tensor:
+    """The [B*Hkv] indices of (rows[i], every head, pos[i]) in a [S, Hkv, T, D] buffer viewed as [S*Hkv*T, D]."""
+    _, Hkv, T, _ = shape
+    heads = torch.arange(Hkv, device=rows.device)  # [Hkv]
+    return ((rows[:, None] * Hkv + heads) * T + pos[:, None]).flatten()  # [B*Hkv]
 
-    buf [S, Hkv, T, D], rows/pos [B], x [B, Hkv, D]. (Advanced-index assignment costs ~10x more here.)
+
+def write_at(buf: Tensor, index: Tensor, x: Tensor) -> None:
+    """buf[rows[i], :, pos[i]] = x[i] for every i, as one index_copy_ into a flat view; index is
+    `flat_index(buf.shape, rows, pos)` (the same for every layer's buffer of a step).
+
+    buf [S, Hkv, T, D], x [B, Hkv, D]. (Advanced-index assignment costs ~10x more here.)
     """
     S, Hkv, T, D = buf.shape
-    heads = torch.arange(Hkv, device=buf.device)  # [Hkv]
-    flat = ((rows[:, None] * Hkv + heads) * T + pos[:, None]).flatten()  # [B*Hkv]
-    buf.view(S * Hkv * T, D).index_copy_(0, flat, x.reshape(-1, D))
+    buf.view(S * Hkv * T, D).index_copy_(0, index, x.reshape(-1, D))
 
 
 class SamplePool:
