@@ -6,7 +6,8 @@ import json
 import torch
 
 from forklm import LLM
-from forklm.checkpoint import checkpoint_dtype
+from forklm.checkpoint import config_dtype
+from forklm.gguf import _open_reader, stored_dtype
 from forklm.host import auto_dtype, native_bf16_flags
 
 CPU = torch.device("cpu")
@@ -23,16 +24,14 @@ def test_auto_dtype_follows_the_checkpoint_and_the_host():
     assert auto_dtype("bfloat16", torch.device("cuda"))[0] == "bfloat16"
 
 
-def test_checkpoint_dtype_reads_config_and_gguf(hf_models, smollm_path, tmp_path):
-    folder = hf_models["llama_mha"][1]
-    assert checkpoint_dtype(folder) == "float32"  # transformers saves torch_dtype / dtype
-    cfg = json.loads((folder / "config.json").read_text())
+def test_stored_dtype_reads_config_and_gguf(hf_models, smollm_path):
+    cfg = json.loads((hf_models["llama_mha"][1] / "config.json").read_text())
+    assert config_dtype(cfg) == "float32"  # transformers saves torch_dtype / dtype
     cfg.pop("torch_dtype", None)
     cfg["dtype"] = "bfloat16"
-    (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert checkpoint_dtype(tmp_path) == "bfloat16"
-    assert checkpoint_dtype(smollm_path) == "quantized"  # Q4_1 and Q8_0 blocks
-    assert checkpoint_dtype(tmp_path / "missing") is None
+    assert config_dtype(cfg) == "bfloat16"
+    assert config_dtype({}) is None
+    assert stored_dtype(_open_reader(smollm_path)) == "quantized"  # Q4_1 and Q8_0 blocks
 
 
 def test_llm_default_dtype_is_auto(hf_models, smollm_path):

@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .checkpoint import apply_weight_updates, checkpoint_dtype, load_checkpoint, resolve_model, weight_updates
+from .checkpoint import apply_weight_updates, load_checkpoint, weight_updates
 from .compile import bucket
 from .host import auto_dtype
 from .linear_choice import prepare_cpu_linears
@@ -126,17 +126,13 @@ class LLM:
         # under "auto", low-precision weight values may be held at float16 (quant.py's bound); an
         # explicit dtype runs every weight at that dtype exactly
         self._low_precision_kernels = dtype == "auto"
-        if dtype == "auto":
-            stored = "quantized" if quantization else checkpoint_dtype(resolve_model(str(model)))
-            dtype, self.dtype_reason = auto_dtype(stored, self.device)
-            log.info("dtype auto: %s (%s)", dtype, self.dtype_reason)
-        self.dtype = DTYPES[dtype]
         self.quantization = quantization
         self.kv_layout, self.compile, self.memory_fraction = kv_layout, compile, memory_fraction
         self.kv_cache_memory = kv_cache_memory
         self.enable_prefix_caching, self.prefill_chunk_tokens = enable_prefix_caching, prefill_chunk_tokens
         self._engine: Engine | None = None
-        ckpt = load_checkpoint(model, self.dtype, self.device)
+        ckpt = load_checkpoint(model, self._auto_dtype if dtype == "auto" else DTYPES[dtype], self.device)
+        self.dtype = ckpt.dtype
         self.model, self.config, self.tokenizer = ckpt.model, ckpt.config, ckpt.tokenizer
         self._prepare_linears(self.model, ckpt.low_precision_linears)
         self.eos_token_ids = ckpt.eos_token_ids
@@ -164,6 +160,12 @@ class LLM:
         self._prepare_linears(draft.model, draft.low_precision_linears)
         log.info("draft model %s: %d layers", draft.source, cfg.n_layers)
         return draft.model
+
+    def _auto_dtype(self, stored: str | None) -> torch.dtype:
+        """dtype="auto" once the checkpoint says how its weights are stored (host.auto_dtype)."""
+        name, self.dtype_reason = auto_dtype("quantized" if self.quantization else stored, self.device)
+        log.info("dtype auto: %s (%s)", name, self.dtype_reason)
+        return DTYPES[name]
 
     def precision_summary(self) -> str:
         """One line: the dtype and why, the quantization, and the linears held at float16."""

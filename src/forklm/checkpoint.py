@@ -38,6 +38,7 @@ class LoadedCheckpoint:
     eos_token_ids: list[int] = field(default_factory=list)
     # linears (forklm module names) whose weights the file stores at low precision (GGUF Q8_0, Q4_1, ...)
     low_precision_linears: frozenset[str] = frozenset()
+    dtype: torch.dtype = torch.float32  # the dtype the weights were loaded in
 
 
 def resolve_model(name_or_path: str) -> Path:
@@ -62,33 +63,18 @@ def resolve_model(name_or_path: str) -> Path:
     return Path(local)
 
 
-def checkpoint_dtype(path: Path) -> str | None:
-    """The dtype a checkpoint's weights are stored in: config.json's `torch_dtype` (or `dtype`) for a
-    Hugging Face folder, "quantized" for a GGUF file; None when not stated."""
-    if path.is_file():
-        return _gguf_dtype(path) if path.suffix == ".gguf" else None
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return None  # loading reports what is wrong with it
-    value = raw.get("torch_dtype", raw.get("dtype")) if isinstance(raw, dict) else None
+def config_dtype(raw: dict) -> str | None:
+    """The dtype a Hugging Face config says its weights are stored in (`torch_dtype`, or `dtype`)."""
+    value = raw.get("torch_dtype", raw.get("dtype"))
     return value if isinstance(value, str) else None
 
 
-def _gguf_dtype(path: Path) -> str | None:
-    """"quantized" if any of the file's tensors is in a block format, else its float type."""
-    import gguf
-
-    try:
-        types = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
-    except Exception:  # noqa: BLE001 - loading reports what is wrong with the file
-        return None
-    if types - {"F32", "F16", "BF16"}:
-        return "quantized"
-    return {"F16": "float16", "BF16": "bfloat16"}.get(next(iter(types - {"F32"}), "F32"), "float32")
+# dtype: a torch dtype, or a function of the stored dtype (config_dtype / gguf.stored_dtype: "float32",
+# "bfloat16", "float16", "quantized" or None) returning one, resolved once the checkpoint is open
+DtypeChoice = torch.dtype | Callable[[str | None], torch.dtype]
 
 
-def load_checkpoint(name_or_path: str | os.PathLike, dtype: torch.dtype, device: str | torch.device) -> LoadedCheckpoint:
+def load_checkpoint(name_or_path: str | os.PathLike, dtype: DtypeChoice, device: str | torch.device) -> LoadedCheckpoint:
     path = resolve_model(str(name_or_path))
     if path.is_file():
         if path.suffix != ".gguf":
@@ -97,7 +83,7 @@ def load_checkpoint(name_or_path: str | os.PathLike, dtype: torch.dtype, device:
     return _load_hf_folder(path, dtype, device)
 
 
-def _load_hf_folder(path: Path, dtype: torch.dtype, device) -> LoadedCheckpoint:
+def _load_hf_folder(path: Path, dtype: DtypeChoice, device) -> LoadedCheckpoint:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing (a Hugging Face model folder needs config.json)")
@@ -106,6 +92,8 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, device) -> LoadedCheckpoint:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
     cfg = ModelConfig.from_hf(raw, source=str(config_file))
+    if callable(dtype):
+        dtype = dtype(config_dtype(raw))
     gen_file = path / "generation_config.json"
     if gen_file.is_file():
         eos = json.loads(gen_file.read_text()).get("eos_token_id")
@@ -117,23 +105,23 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, device) -> LoadedCheckpoint:
 
     tokenizer = Tokenizer.from_dir(path)
     eos_ids = list(cfg.eos_token_ids) or (list(tokenizer.eos_token_ids) if tokenizer else [])
-    return LoadedCheckpoint(model, cfg, str(path), tokenizer, eos_ids)
+    return LoadedCheckpoint(model, cfg, str(path), tokenizer, eos_ids, dtype=dtype)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device) -> LoadedCheckpoint:
+def _load_gguf(path: Path, dtype: DtypeChoice, device) -> LoadedCheckpoint:
     from .gguf import load_gguf
 
     ckpt = load_gguf(path, dtype)
     cfg = ModelConfig.from_hf(ckpt.config, source=str(path))
     tensors = ckpt.tensors
     rules = weight_rules(cfg, set(tensors))
-    model = build_model(cfg, set(tensors), lambda name: tensors.pop(name), dtype, device)
+    model = build_model(cfg, set(tensors), lambda name: tensors.pop(name), ckpt.dtype, device)
     eos_ids = list(ckpt.eos_token_ids) or list(cfg.eos_token_ids)
     head = "lm_head.weight" if "lm_head.weight" in rules else "tok_embeddings.weight"  # tied: the embedding
     low = frozenset(
         name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
         and rules.get(head if name == "lm_head" else f"{name}.weight", ("",))[0] in ckpt.low_precision)
-    return LoadedCheckpoint(model, cfg, str(path), ckpt.tokenizer, eos_ids, low)
+    return LoadedCheckpoint(model, cfg, str(path), ckpt.tokenizer, eos_ids, low, ckpt.dtype)
 
 
 class SafetensorsReader:

@@ -52,6 +52,7 @@ class GGUFCheckpoint:
     eos_token_ids: list[int]  # ids that end generation
     bos_token_id: int | None
     low_precision: set[str] = field(default_factory=set)  # names of tensors stored in quant.LOW_PRECISION_TYPES
+    dtype: torch.dtype = torch.float32  # the dtype the tensors were converted to
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,15 @@ _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _TOP_TENSOR = re.compile(r"(\w+)\.(weight|bias)")
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype) -> GGUFCheckpoint:
+def stored_dtype(reader: gguf.GGUFReader) -> str:
+    """"quantized" if any tensor is in a block format, else the float type of the file's weights."""
+    types = {t.tensor_type.name for t in reader.tensors}
+    if types - {"F32", "F16", "BF16"}:
+        return "quantized"
+    return {"F16": "float16", "BF16": "bfloat16"}.get(next(iter(sorted(types - {"F32"})), "F32"), "float32")
+
+
+def load_gguf(path: str | Path, dtype) -> GGUFCheckpoint:
     """Read a GGUF file into a Hugging Face config, tensors and tokenizer.
 
     Raises CheckpointError (naming the file, and the tensor where one is at
@@ -113,6 +122,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype) -> GGUFCheckpoint:
     """
     path = Path(path)
     reader = _open_reader(path)
+    if callable(dtype):  # chosen from what the file stores (checkpoint.DtypeChoice)
+        dtype = dtype(stored_dtype(reader))
     metadata = _read_metadata(reader, path)
     architecture = _architecture(metadata, path)
     config = _build_config(architecture, metadata, {tensor.name for tensor in reader.tensors}, path)
@@ -125,6 +136,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype) -> GGUFCheckpoint:
         config=config,
         tensors=tensors,
         low_precision=low_precision,
+        dtype=dtype,
         tokenizer=tokenizer,
         chat_template=metadata.get("tokenizer.chat_template"),
         eos_token_ids=eos_token_ids,
