@@ -15,8 +15,8 @@ a custom op is opaque to it, so compiled and eager decode run the same kernel.
 
 Weights whose values are already low precision (a GGUF file's Q8_0 / Q4_x blocks, or `quantization=`)
 can also run through fbgemm's GEMM on float16 weights with float32 activations (`Fp16Linear`, via
-`forklm::fp16_linear`): half the bytes of float32 and, on the 2-core AVX2 host, 2.0-2.5x faster than
-the packed float32 linear at 1-4 rows but slower from about 64 rows. `LowPrecisionLinear` holds both
+`forklm::fp16_linear`): half the bytes of float32 and, on the 2-core AVX2 host, faster than the
+packed float32 linear at few rows but slower at many (benchmarks/results/cpu_linear_fp16*). `LowPrecisionLinear` holds both
 and picks by the call's row count, at the crossover measured for this host (`linear_choice.py`).
 """
 
@@ -188,7 +188,7 @@ class LowPrecisionLinear(nn.Module):
             if rows <= self.fp16_max_rows or self.weight is None:
                 return self._fp16_op(x, self.weight_fp16, self.bias, self.out_features)  # [..., in] -> [..., out]
             return self._packed_op(x, self.weight, self.bias)  # [..., in] -> [..., out]
-        # eager: the ops' bodies directly (the custom-op wrapper cost ~30 us a call: 7 ms a step at n=1)
+        # eager: the ops' bodies directly (the custom-op wrapper adds Python work to each of ~200 calls a step)
         if rows <= self.fp16_max_rows or self.weight is None:
             return _fbgemm_fp16(x.contiguous(), self.weight_fp16, self.bias)
         return _linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")

@@ -1,9 +1,9 @@
 """What this machine can do, for choices made per host: the default dtype.
 
 `dtype="auto"` takes bfloat16 only where the CPU multiplies it natively (AMX or AVX512-BF16 in
-/proc/cpuinfo's flags): on the AVX2 host seen before, bfloat16 GEMMs ran 5x slower than float32, on an
-AMX host 7x faster (../benchmarks/results/cpu_linear*). torch 2.13 has no public query for these
-flags, so they are read from the kernel's own list.
+/proc/cpuinfo's flags): bfloat16 GEMMs were measured several times slower than float32 on an AVX2
+host and several times faster on an AMX one (benchmarks/results/cpu_linear*, the design notes).
+torch 2.13 has no public query for these flags, so they are read from the kernel's own list.
 """
 
 from __future__ import annotations

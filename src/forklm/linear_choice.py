@@ -1,8 +1,8 @@
 """Which CPU kernel runs low-precision linears on this host, measured once and cached on disk.
 
-Hosts differ: on the 2-core AVX2 EPYC, fbgemm's float16-weight GEMM ran SmolLM2's linears 2.0-2.5x
-faster than oneDNN's packed float32 at 1-4 rows and slower from about 64 (benchmarks/results/
-cpu_linear_fp16*); other CPUs move the crossover or remove it. So `choose_fp16_max_rows` times both
+Hosts differ: on the 2-core AVX2 EPYC, fbgemm's float16-weight GEMM ran SmolLM2's linears faster
+than oneDNN's packed float32 at few rows and slower at many (benchmarks/results/cpu_linear_fp16*);
+other CPUs move the crossover or remove it. So `choose_fp16_max_rows` times both
 kernels on the model's own weight shapes at `PROBE_ROWS` and keeps the largest row count up to which
 float16 stays ahead. The result is cached per (CPU model, instruction set, torch, threads, shapes)
 in `cache_dir()` and reused by every later process; delete the file to measure again.

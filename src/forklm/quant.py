@@ -7,12 +7,13 @@ Hugging Face checkpoint quantized here has the values llama.cpp would give it. T
 like the other linears; embeddings, norms and biases keep their values.
 
 What runs these values is chosen per host (`linear_choice.py`): PyTorch's int8 / int4 weight-only CPU
-kernels measured 2-4x slower than float32 at one row and slower still at more
+kernels measured slower than float32, at one row and more so at more rows
 (benchmarks/results/cpu_linear_quantized*), so the quantized values are stored at 16 bits, which hold
 every Q8_0 / Q4_x value to within 2^-11 of itself (`LOW_PRECISION_REL_BOUND`).
 
 `int4pack_blocks` maps Q4_0 / Q4_1 blocks onto `aten._weight_int4pack_mm_for_cpu`'s groups exactly
-(scale = d, zero = m + 8 d, since that kernel computes (q - 8) * scale + zero); tests check it.
+(scale = d, zero = m + 8 d, since that kernel computes (q - 8) * scale + zero); tests check it. (The kernel itself
+is not used: see above.)
 """
 
 from __future__ import annotations
