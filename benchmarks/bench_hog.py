@@ -5,6 +5,8 @@ quiet and beside a spinning `python -c "while True: pass"`.
 
     python benchmarks/bench_hog.py --out benchmarks/results/hog
 
+    python benchmarks/bench_hog.py --ns 1,16 --policies ACTIVE,ACTIVE+adaptive,PASSIVE --out benchmarks/results/hog_threads
+
 Writes OUT.json, OUT.md and OUT.png. ACTIVE is libgomp's spinning wait (torch's default when the
 variable is unset), PASSIVE sleeps at once, spinN spins N times first (GOMP_SPINCOUNT).
 """
@@ -25,7 +27,7 @@ CELL = r"""
 import json, sys, time
 from forklm import LLM, SamplingParams
 n = int(sys.argv[1])
-llm = LLM()
+llm = LLM(adaptive_threads=sys.argv[2] == "1")
 prompt = ["Write a story about a dragon who learns to read. " * 6]
 
 def per_token_ms():
@@ -42,7 +44,9 @@ print(json.dumps({"ms": min(per_token_ms() for _ in range(2))}))
 
 
 def policy_env(policy: str) -> dict:
-    """ACTIVE / PASSIVE (OMP_WAIT_POLICY), or spinN: libgomp spins N times before it sleeps (GOMP_SPINCOUNT)."""
+    """ACTIVE / PASSIVE (OMP_WAIT_POLICY), or spinN: libgomp spins N times before it sleeps (GOMP_SPINCOUNT);
+    a "+adaptive" suffix turns forklm's thread governor on (engine/threads.py; off otherwise)."""
+    policy = policy.removesuffix("+adaptive")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if policy.startswith("spin"):
         return dict(env, GOMP_SPINCOUNT=policy.removeprefix("spin"), OMP_WAIT_POLICY="ACTIVE")
@@ -53,7 +57,9 @@ def cell(policy: str, n: int, hog: bool) -> float:
     env = policy_env(policy)
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if hog else None
     try:
-        out = subprocess.run([sys.executable, "-c", CELL, str(n)], env=env, capture_output=True, text=True, check=True)
+        adaptive = "1" if policy.endswith("+adaptive") else "0"
+        out = subprocess.run([sys.executable, "-c", CELL, str(n), adaptive], env=env, capture_output=True, text=True,
+                             check=True)
     finally:
         if neighbour is not None:
             neighbour.kill()

@@ -64,6 +64,8 @@ class LLM:
         Under "auto", weights whose values are low precision (a GGUF file's Q8_0 / Q4_x blocks, or
         `quantization`) may run float16-weight kernels where this host measured them faster
         (linear_choice.py; within 2^-11 of each value); an explicit dtype holds them at that dtype.
+    adaptive_threads: on CPU, time the steps and run them with fewer threads while that is faster (a
+        busy neighbour; engine/threads.py), never more than torch's thread count at start.
     quantization: None (weights as the checkpoint stores them) | "int8" (every linear weight rounded
         to GGUF Q8_0: groups of 32, one scale) | "int4" (GGUF Q4_1: groups of 32, scale and minimum);
         see quant.py. A GGUF file's own quantized blocks are used as they are either way.
@@ -95,6 +97,7 @@ class LLM:
         prefill_chunk_tokens: int | None = None,
         speculative_config: dict | str | SpeculativeConfig | None = None,
         quantization: str | None = None,
+        adaptive_threads: bool = True,
     ):
         speculative = SpeculativeConfig.parse(speculative_config)
         if speculative is not None and compile:
@@ -127,6 +130,7 @@ class LLM:
         # explicit dtype runs every weight at that dtype exactly
         self._low_precision_kernels = dtype == "auto"
         self.quantization = quantization
+        self.adaptive_threads = adaptive_threads
         self.kv_layout, self.compile, self.memory_fraction = kv_layout, compile, memory_fraction
         self.kv_cache_memory = kv_cache_memory
         self.enable_prefix_caching, self.prefill_chunk_tokens = enable_prefix_caching, prefill_chunk_tokens
@@ -229,7 +233,7 @@ class LLM:
         storage = KVStorage(self.config, shape, row_len, budget, self.dtype, self.device)
         args = dict(compile=self.compile, replicated=self.kv_layout == "replicated",
                     enable_prefix_caching=self.enable_prefix_caching, prefill_chunk_tokens=self.prefill_chunk_tokens,
-                    speculative=self.speculative, draft_model=self.draft_model)
+                    speculative=self.speculative, draft_model=self.draft_model, adaptive_threads=self.adaptive_threads)
         args.update(engine_args)
         return Engine(self.model, storage, shape, self.tokenizer, self.eos_token_ids, **args)
 
@@ -393,6 +397,7 @@ class LLM:
         """Step the engine until these requests finished, yielding each step's deltas; on an error or
         an interrupt the requests are dropped, so the engine is empty for the next call."""
         progress = GenerationProgress(len(request_ids), enabled=bool(use_tqdm) and bool(request_ids))
+        threads = torch.get_num_threads()  # the engine may step with fewer (threads.py): restored after
         try:
             while request_ids and engine.has_unfinished():
                 deltas = engine.step()
@@ -406,6 +411,7 @@ class LLM:
             raise
         finally:
             progress.close()
+            torch.set_num_threads(threads)
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True) -> RequestOutput:

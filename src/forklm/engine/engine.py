@@ -37,6 +37,7 @@ from .output import OutputProcessor
 from .runner import ModelRunner
 from .scheduler import DECODE, PREFILL, Request, Scheduler
 from .speculative import AdaptiveSwitch, DraftModelProposer, NgramProposer, RequestSpecState, SpeculativeConfig
+from .threads import StepKind, ThreadGovernor
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class Engine:
         prefill_chunk_tokens: int | None = None,
         speculative: SpeculativeConfig | None = None,
         draft_model: Transformer | None = None,
+        adaptive_threads: bool = True,
     ):
         self.model, self.storage, self.shape, self.tokenizer = model, storage, shape, tokenizer
         self.eos_token_ids = list(eos_token_ids or [])
@@ -79,6 +81,8 @@ class Engine:
                     raise InvalidParameterError("speculative_config.model", "the draft model was not given")
                 self._proposer = DraftModelProposer(draft_model, k, storage.dtype, storage.device)
         self.switch = AdaptiveSwitch(speculative is not None and speculative.adaptive)
+        # CPU threads per step, measured (threads.py); CUDA steps do not depend on them
+        self.threads = ThreadGovernor(torch.get_num_threads(), adaptive_threads and self.device.type == "cpu")
         self._spec: dict[str, RequestSpecState] = {}  # request id -> its speculation state
         self.spec_totals = RequestSpecState()  # the counters over every request (server metrics)
         self._step_count = 0
@@ -196,6 +200,17 @@ class Engine:
     # ---- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[SampleDelta]:
+        threads = self.threads.begin_step()
+        if self.threads.enabled and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        deltas, kind = self._step()
+        if kind is not None:
+            self.threads.end_step(kind, time.perf_counter() - start)
+        return deltas
+
+    def _step(self) -> tuple[list[SampleDelta], StepKind | None]:
+        """One step; returns its deltas and its kind (decode tokens, prefill tokens), None when idle."""
         start = time.perf_counter()
         sch = self.scheduler
         self._step_count += 1
@@ -226,7 +241,7 @@ class Engine:
                 raise CapacityError(f"request {req.request_id!r} cannot be admitted: {len(req.prompt_ids)} prompt "
                                     f"tokens and n={req.params.num_sequences} exceed what the KV budget holds "
                                     f"({self.storage.free_tokens} free tokens, {self.storage.free_rows} free rows)")
-            return []
+            return [], None
         # Sampling runs over pool rows 0..R-1 only (live rows are packed at the front), so its cost follows
         # the load; compiled, over every row (static shapes).
         R = self.shape.max_samples if self._compile else max(rows_out) + 1
@@ -279,7 +294,8 @@ class Engine:
             deltas = self._bookkeep(producing, [result] + more, kept, drafts, set(dec_rows))
         if plan.decode is not None and not plan.prefills:
             self.switch.record(time.perf_counter() - start, verify=bool(drafts))
-        return deltas
+        kind = (0 if plan.decode is None else len(plan.decode.pool_rows), sum(len(c.tokens) for c in plan.prefills))
+        return deltas, kind
 
     def _propose(self) -> dict[int, list[int]]:
         """Drafts for this step's decoding rows: {pool row: tokens}. A row drafts at most

@@ -1,0 +1,78 @@
+"""The thread governor (engine/threads.py): its rule on given step times, and that the thread count
+a step runs at never changes what it computes."""
+
+import pytest
+import torch
+
+from forklm import LLM, SamplingParams
+from forklm.engine import threads as threads_mod
+from forklm.engine.threads import FIRST_PROBE, MARGIN, PROBE_EVERY, ThreadGovernor
+
+DECODE = (4, 0)
+
+
+def _run(gov, kind, seconds_at):
+    """One step: the count the governor picks, and the time `seconds_at(count)` says it took."""
+    n = gov.begin_step()
+    gov.end_step(kind, seconds_at(n))
+    return n
+
+
+def test_a_busy_core_moves_it_down_and_a_quiet_host_back_up():
+    gov = ThreadGovernor(2, enabled=True)
+    quiet = {2: 0.050, 1: 0.060}
+    counts = [_run(gov, DECODE, quiet.get) for _ in range(2 * PROBE_EVERY + FIRST_PROBE + 2)]
+    assert counts.count(1) == 2 and counts[FIRST_PROBE] == 1 and gov.current == 2  # probed 1 thread, kept 2
+    busy = {2: 0.190, 1: 0.055}  # a neighbour takes a core: 2 threads wait at every barrier
+    counts = [_run(gov, DECODE, busy.get) for _ in range(4)]
+    assert counts[:2] == [2, 1] and gov.current == 1 and gov.switches == 1  # the slow step brought the probe forward
+    gone = {2: 0.040, 1: 0.058}  # the neighbour left: 2 threads faster by more than the margin
+    for _ in range(PROBE_EVERY + 2):
+        _run(gov, DECODE, gone.get)
+    assert gov.current == 2 and gov.switches == 2
+
+
+def test_it_stays_within_its_margin_and_compares_like_with_like():
+    gov = ThreadGovernor(4, enabled=True)
+    near = {4: 0.100, 3: 0.100 * (1 - MARGIN / 2)}  # faster, but within the margin
+    for _ in range(2 * PROBE_EVERY + 2):
+        _run(gov, DECODE, near.get)
+    assert gov.current == 4 and gov.switches == 0
+    # a probe landing on a step of another kind (a prefill) decides nothing and is retried
+    gov = ThreadGovernor(2, enabled=True)
+    for _ in range(PROBE_EVERY):
+        _run(gov, DECODE, {2: 0.1, 1: 0.01}.get)
+    assert gov.begin_step() == 1
+    gov.end_step((0, 500), 0.01)
+    assert gov.current == 2 and gov.begin_step() == 1
+    gov.end_step(DECODE, 0.01)
+    assert gov.current == 1
+
+
+def test_disabled_or_single_thread_never_probes():
+    for gov in (ThreadGovernor(8, enabled=False), ThreadGovernor(1, enabled=True)):
+        assert not gov.enabled
+        assert all(_run(gov, DECODE, lambda n: 1.0 / n) == gov.max_threads for _ in range(3 * PROBE_EVERY))
+
+
+def test_thread_count_changes_no_result(hf_models, monkeypatch):
+    """Probing at every step (1 and 2 threads in turn) gives the same tokens and log probs as a
+    fixed thread count."""
+    folder = hf_models["llama_gqa"][1]
+    prompts = [[5, 9, 13, 2, 77, 31], [5, 9, 13, 2, 4]]
+    params = SamplingParams(n=4, max_tokens=12, temperature=0.9, top_p=0.9, seed=3, logprobs=2, ignore_eos=True)
+    start = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fixed = LLM(folder, adaptive_threads=False).generate(prompt_token_ids=prompts, sampling_params=params)
+        monkeypatch.setattr(threads_mod, "PROBE_EVERY", 1)
+        llm = LLM(folder)
+        out = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+        probes = llm._engine.threads.probes
+    finally:
+        torch.set_num_threads(start)
+    assert probes >= 5  # about every other step ran at 1 thread
+    for a, b in zip(fixed, out):
+        for x, y in zip(a.outputs, b.outputs):
+            assert x.token_ids == y.token_ids
+            assert all(abs(p[t].logprob - q[t].logprob) < 1e-5 for t, p, q in zip(x.token_ids, x.logprobs, y.logprobs))
