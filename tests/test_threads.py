@@ -41,8 +41,8 @@ def test_it_stays_within_its_margin_and_compares_like_with_like():
     assert gov.current == 4 and gov.switches == 0
     # a probe landing on a step of another kind (a prefill) decides nothing and is retried
     gov = ThreadGovernor(2, enabled=True)
-    for _ in range(PROBE_EVERY):
-        _run(gov, DECODE, {2: 0.1, 1: 0.01}.get)
+    for _ in range(FIRST_PROBE + 1 + PROBE_EVERY):  # the first probe finds no gain; the next is due
+        _run(gov, DECODE, {2: 0.1, 1: 0.1}.get)
     assert gov.begin_step() == 1
     gov.end_step((0, 500), 0.01)
     assert gov.current == 2 and gov.begin_step() == 1
