@@ -1,4 +1,4 @@
-"""What this machine can do, for choices made per host: the default dtype.
+"""What this machine is and can do, for choices made per host: the default dtype, cache keys.
 
 `dtype="auto"` takes bfloat16 only where the CPU multiplies it natively (AMX or AVX512-BF16 in
 /proc/cpuinfo's flags): bfloat16 GEMMs were measured several times slower than float32 on an AVX2
@@ -9,6 +9,7 @@ torch 2.13 has no public query for these flags, so they are read from the kernel
 from __future__ import annotations
 
 import functools
+import platform
 from pathlib import Path
 
 import torch
@@ -17,15 +18,24 @@ NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 HALF_DTYPES = ("bfloat16", "float16")
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
+def _cpuinfo(field: str) -> str | None:
+    """The first value of `field` in /proc/cpuinfo, or None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.split(":", 1)[0].strip() == field:
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    return frozenset((_cpuinfo("flags") or "").split())
+
+
+def cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def native_bf16_flags() -> list[str]:

@@ -15,13 +15,14 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from .host import cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def cache_dir() -> Path:
 def host_key(shapes: dict[tuple[int, int], int]) -> dict:
     return {
         "version": CACHE_VERSION,
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -148,13 +149,3 @@ def prepare_cpu_linears(model: torch.nn.Module, low_precision: set[str], directo
         if choice.fp16_max_rows > 0:
             use_low_precision_linears(model, set(low), choice.fp16_max_rows, choice.keep_fp32)
     pack_linears(model)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
