@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from forklm.cpu_linear import (LowPrecisionLinear, PackedLinear, fp16_weights_available, pack_linears,
-                               packing_available, use_low_precision_linears)
+from forklm.cpu_linear import (LowPrecisionLinear, PackedLinear, describe_kernels, fp16_weights_available,
+                               int8_available, int8_error_bound, pack_int8, pack_linears, packing_available,
+                               use_low_precision_linears)
 from forklm.attention.cascade import CausalAttention
 from forklm.checkpoint import load_checkpoint
 
@@ -88,52 +89,122 @@ def test_packed_model_logits_match_transformers(hf_models, family):
         assert (ours - ref).abs().max().item() < 1e-4, (family, L)
 
 
-@pytest.mark.skipif(not fp16_weights_available(), reason="this torch build has no fbgemm float16 GEMM")
-@pytest.mark.parametrize("keep_fp32", [False, True])
+needs_fp16 = pytest.mark.skipif(not fp16_weights_available(), reason="this torch build has no fbgemm float16 GEMM")
+needs_int8 = pytest.mark.skipif(not int8_available(), reason="this torch build has no _weight_int8pack_mm")
+
+
+def fp16_bound(x, w):
+    """Each weight off by <= 2^-11 of itself (quant.LOW_PRECISION_REL_BOUND), so y by <= 2^-11 sum |x w|."""
+    return 2.0 ** -11 * (x.float().abs() @ w.float().abs().t())
+
+
+def int8_bound(x, w):
+    """Each weight of row o off by <= int8_error_bound(w)[o], so y[o] by <= that * sum |x|."""
+    return x.float().abs().sum(-1, keepdim=True) * int8_error_bound(w)
+
+
+def test_pack_int8_rounds_each_row_within_its_bound():
+    torch.manual_seed(0)
+    w = torch.randn(37, 70) * torch.logspace(-3, 1, 37)[:, None]  # rows of very different scales
+    w[3] = 0  # an all-zero row keeps a positive scale
+    for dtype in (torch.bfloat16, torch.float32):
+        q, s = pack_int8(w, dtype)
+        assert q.dtype == torch.int8 and s.dtype == dtype and q.shape == w.shape and s.shape == (37,)
+        assert q.abs().max() <= 127 and (s > 0).all()
+        err = (q.float() * s.float()[:, None] - w).abs().amax(dim=1)
+        assert (err <= int8_error_bound(w)).all()
+        assert (q.abs().amax(dim=1)[torch.arange(37) != 3] >= 126).all()  # the range is used
+
+
+DENSE, FP16_DENSE, FP16 = ((256, "dense"),), ((4, "fp16"), (256, "dense")), ((8, "fp16"),)
+KERNEL_MENUS = [(torch.float32, k) for k in (DENSE, FP16_DENSE, FP16)] + [
+    (torch.bfloat16, k) for k in (DENSE, FP16_DENSE, FP16, ((1, "int8"), (8, "fp16"), (256, "dense")), ((2, "int8"),))]
+
+
+@needs_fp16
+@needs_int8
+@pytest.mark.parametrize("dtype,kernels", KERNEL_MENUS, ids=str)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("in_f,out_f", [(32, 13), (576, 200), (96, 3001)])
-@pytest.mark.parametrize("rows", [(1,), (3,), (17,), (2, 9), (1, 64)])
-def test_low_precision_linear_is_float16_weights_up_to_its_rows_then_float32(in_f, out_f, bias, rows, keep_fp32):
+@pytest.mark.parametrize("rows", [(1,), (2,), (3,), (17,), (2, 9), (1, 64)])
+def test_low_precision_linear_runs_each_row_counts_kernel_within_its_bound(dtype, kernels, bias, in_f, out_f,
+                                                                             rows):
+    """Each kernel against a float32 reference of the same weights: float16 within 2^-11 of each
+    weight, int8 within pack_int8's per-row bound, dense as nn.Linear (plus bfloat16 rounding of the
+    activations and output where the model runs bfloat16)."""
     torch.manual_seed(in_f + out_f + len(rows))
-    lin = nn.Linear(in_f, out_f, bias=bias)
-    low = LowPrecisionLinear(lin, fp16_max_rows=8, keep_fp32=keep_fp32)
-    x = torch.randn(*rows, in_f)
+    lin = nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    low = LowPrecisionLinear(lin, kernels)
+    x = torch.randn(*rows, in_f).to(dtype)
     n_rows = x.numel() // in_f
-    as_fp16 = nn.functional.linear(x, lin.weight.half().float(), lin.bias)  # what float16 weights compute
+    kernel = low.kernel_for(n_rows)
+    assert kernel == next((k for r, k in kernels if n_rows <= r), kernels[-1][1])
+    w = lin.weight.float()
+    exact = nn.functional.linear(x.float(), w, None if lin.bias is None else lin.bias.float())  # [..., out]
     with torch.inference_mode():
-        ours, exact = low(x), lin(x)
-    assert ours.shape == exact.shape == (*rows, out_f)
-    if n_rows <= 8 or not keep_fp32:
-        assert_close_rel(ours, as_fp16)
-        # within the bound: each weight off by <= 2^-11 of itself, so y by <= 2^-11 sum |x w|
-        bound = 2.0 ** -11 * (x.abs() @ lin.weight.abs().t()) + 1e-5
-        assert ((ours - exact).abs() <= bound).all()
-        assert not torch.equal(ours, exact) or out_f < 20
-    else:
-        assert_close_rel(ours, exact)
-    assert (low.weight is None) == (not keep_fp32)
+        ours = low(x)
+    assert ours.shape == (*rows, out_f) and ours.dtype == dtype and torch.isfinite(ours).all()
+    bound = {"fp16": fp16_bound, "int8": int8_bound, "dense": lambda x, w: 0 * exact}[kernel](x, w)
+    # float32 sums in other orders: ~1e-6 relative; bfloat16: the output rounds (2^-8) and is accumulated
+    # by oneDNN in float32
+    slack = (1e-5 if dtype == torch.float32 else 2.0 ** -7) * (x.float().abs() @ w.abs().t() + exact.abs()) + 1e-5
+    assert ((ours.float() - exact).abs() <= bound + slack).all(), (kernel, (ours.float() - exact).abs().max())
+    kept = {k for _, k in kernels}
+    assert (low.weight_fp16 is not None) == ("fp16" in kept) and (low.weight_int8 is not None) == ("int8" in kept)
+    assert (low.weight is not None) == ("dense" in kept)
 
 
-@pytest.mark.skipif(not fp16_weights_available(), reason="this torch build has no fbgemm float16 GEMM")
-def test_low_precision_linear_compiles_to_the_same_kernel():
-    torch.manual_seed(0)
-    lin = nn.Linear(64, 48)
-    low = LowPrecisionLinear(lin, fp16_max_rows=4, keep_fp32=True)
-    fn = torch.compile(lambda x: torch.relu(low(x)), fullgraph=True)
-    for rows in (2, 9):
-        x = torch.randn(rows, 64)
+@needs_fp16
+@needs_int8
+def test_int8_kernel_is_the_dequantized_weights_product():
+    """int8 vs F.linear on exactly the weights it holds (q * scale): only summation order differs."""
+    torch.manual_seed(1)
+    lin = nn.Linear(96, 50).to(torch.bfloat16)
+    low = LowPrecisionLinear(lin, ((256, "int8"),))
+    w = low.weight_int8.float() * low.int8_scales.float()[:, None]
+    for m in (1, 4, 64):
+        x = torch.randn(m, 96).to(torch.bfloat16)
         with torch.inference_mode():
-            assert_close_rel(fn(x), torch.relu(low(x)))
+            ref = nn.functional.linear(x.float(), w) + lin.bias.float()
+            ours = low(x).float()
+        assert ((ours - ref).abs() <= 2.0 ** -7 * (ref.abs() + 1)).all()
 
 
-@pytest.mark.skipif(not fp16_weights_available(), reason="this torch build has no fbgemm float16 GEMM")
+@needs_fp16
+@needs_int8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_linear_compiles_to_the_same_kernels(dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48).to(dtype)
+    kernels = ((1, "int8"), (4, "fp16"), (256, "dense")) if dtype == torch.bfloat16 else ((4, "fp16"), (256, "dense"))
+    low = LowPrecisionLinear(lin, kernels)
+    fn = torch.compile(lambda x: torch.relu(low(x)), fullgraph=True, dynamic=False)
+    for rows in (1, 2, 9):
+        x = torch.randn(rows, 64).to(dtype)
+        with torch.inference_mode():
+            ours, ref = fn(x), torch.relu(low(x))
+        tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7
+        assert ((ours.float() - ref.float()).abs() <= tol * (ref.float().abs() + 1)).all(), rows
+
+
+@needs_fp16
 def test_use_low_precision_linears_swaps_the_named_ones_and_repacks():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8))
-    assert use_low_precision_linears(model, {"0"}, fp16_max_rows=4, keep_fp32=False) == 1
-    assert isinstance(model[0], LowPrecisionLinear) and type(model[2]) is nn.Linear
+    model = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 8), nn.Linear(8, 8).to(torch.bfloat16))
+    assert use_low_precision_linears(model, {"0", "3"}, ((4, "fp16"),), torch.float32) == 1
+    assert isinstance(model[0], LowPrecisionLinear) and type(model[2]) is nn.Linear and type(model[3]) is nn.Linear
     new = torch.randn(16, 32)
     model[0].repack(new)
     x = torch.randn(3, 32)
     with torch.inference_mode():
         assert_close_rel(model[0](x), nn.functional.linear(x, new.half().float(), model[0].bias))
+    big = nn.Sequential(nn.Linear(4, 4))
+    with torch.no_grad():
+        big[0].weight[0, 0] = 1e5  # beyond float16: keeps its own kernel
+    assert use_low_precision_linears(big, {"0"}, ((4, "fp16"),)) == 0
+
+
+def test_describe_kernels_reads_as_a_sentence():
+    assert describe_kernels(((256, "dense"),)) == "dense at every row count"
+    assert (describe_kernels(((1, "int8"), (8, "fp16"), (256, "dense")))
+            == "int8 weights up to 1 rows, float16 weights up to 8, dense above")

@@ -7,68 +7,92 @@ import pytest
 import torch
 from torch import nn
 
-from forklm.cpu_linear import LowPrecisionLinear, PackedLinear, fp16_weights_available
-from forklm.linear_choice import PROBE_ROWS, choose_fp16_max_rows, fp16_max_rows_from, prepare_cpu_linears
+from forklm.cpu_linear import LowPrecisionLinear, PackedLinear, fp16_weights_available, kernels_available
+from forklm.linear_choice import MARGIN, PROBE_ROWS, choose_kernels, kernels_from, prepare_cpu_linears
 
 pytestmark = pytest.mark.skipif(not fp16_weights_available(), reason="this torch build has no fbgemm float16 GEMM")
 
-
-def test_crossover_is_the_last_row_count_before_float32_first_wins():
-    n = len(PROBE_ROWS)
-    assert fp16_max_rows_from([1.0] * n, [2.0] * n) == (PROBE_ROWS[-1], False)
-    assert fp16_max_rows_from([3.0] * n, [2.0] * n) == (0, True)
-    fp16 = [1, 1, 1, 1, 5, 5, 5, 5][:n]
-    assert fp16_max_rows_from(fp16, [2] * n) == (PROBE_ROWS[3], True)
-    # float16 ahead again after losing once: the first loss decides (no islands)
-    assert fp16_max_rows_from([1, 3, 1, 1, 1, 1, 1, 1][:n], [2] * n) == (PROBE_ROWS[0], True)
+N = len(PROBE_ROWS)
 
 
-def test_choice_is_measured_once_then_read_from_the_cache(tmp_path):
+def test_each_row_count_takes_its_fastest_kernel_and_neighbours_merge():
+    assert kernels_from({"fp16": [1.0] * N, "dense": [2.0] * N}) == ((PROBE_ROWS[-1], "fp16"),)
+    assert kernels_from({"fp16": [3.0] * N, "dense": [2.0] * N}) == ((PROBE_ROWS[-1], "dense"),)
+    fp16 = [1, 1, 1, 1, 5, 5, 5, 5]
+    assert kernels_from({"fp16": fp16, "dense": [2] * N}) == ((PROBE_ROWS[3], "fp16"), (PROBE_ROWS[-1], "dense"))
+    int8 = [0.5, 0.5, 9, 9, 9, 9, 9, 9]
+    assert kernels_from({"int8": int8, "fp16": fp16, "dense": [2] * N}) == (
+        (PROBE_ROWS[1], "int8"), (PROBE_ROWS[3], "fp16"), (PROBE_ROWS[-1], "dense"))
+    # within MARGIN of dense: dense (one copy fewer to keep)
+    near = [2 * (1 - MARGIN / 2)] * N
+    assert kernels_from({"fp16": near, "dense": [2] * N}) == ((PROBE_ROWS[-1], "dense"),)
+    # a kernel ahead again after losing: its own entry (every row count gets its fastest)
+    assert kernels_from({"fp16": [1, 3, 1, 3, 3, 3, 3, 3], "dense": [2] * N}) == (
+        (1, "fp16"), (2, "dense"), (4, "fp16"), (PROBE_ROWS[-1], "dense"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, dtype):
     shapes = {(48, 32): 3, (32, 96): 2}
-    first = choose_fp16_max_rows(shapes, tmp_path)
+    first = choose_kernels(shapes, dtype, tmp_path)
     files = list(tmp_path.glob("linear-choice-*.json"))
     assert len(files) == 1
-    assert len(first.fp16_ms) == len(first.fp32_ms) == len(PROBE_ROWS) and min(first.fp16_ms) > 0
-    assert first.fp16_max_rows in (0, *PROBE_ROWS)
-    again = choose_fp16_max_rows(shapes, tmp_path)
+    assert set(first.ms) == set(kernels_available(dtype)) and "dense" in first.ms
+    assert all(len(v) == N and min(v) > 0 for v in first.ms.values())
+    assert first.kernels == kernels_from(first.ms) and first.kernels[-1][0] == PROBE_ROWS[-1]
+    again = choose_kernels(shapes, dtype, tmp_path)
     assert again == first  # measured times are never equal twice: this is the cached record
-    other = choose_fp16_max_rows({(48, 32): 4}, tmp_path)  # other shapes: another entry
-    assert len(list(tmp_path.glob("linear-choice-*.json"))) == 2 and other.fp16_ms != first.fp16_ms
+    other = choose_kernels({(48, 32): 4}, dtype, tmp_path)  # other shapes: another entry
+    assert len(list(tmp_path.glob("linear-choice-*.json"))) == 2 and other.ms != first.ms
     files[0].write_text("{ not json")
-    remeasured = choose_fp16_max_rows(shapes, tmp_path)
-    assert remeasured.fp16_ms != first.fp16_ms
-    assert json.loads(files[0].read_text())["choice"]["fp16_ms"] == list(remeasured.fp16_ms)
+    remeasured = choose_kernels(shapes, dtype, tmp_path)
+    assert remeasured.ms != first.ms
+    assert json.loads(files[0].read_text())["choice"]["ms"] == {k: list(v) for k, v in remeasured.ms.items()}
 
 
-def test_prepare_cpu_linears_gives_named_low_precision_linears_the_measured_kernel(tmp_path):
+def test_bfloat16_and_float32_are_measured_apart(tmp_path):
+    a = choose_kernels({(40, 32): 1}, torch.float32, tmp_path)
+    b = choose_kernels({(40, 32): 1}, torch.bfloat16, tmp_path)
+    assert len(list(tmp_path.glob("linear-choice-*.json"))) == 2
+    assert "int8" not in a.ms and ("int8" in b.ms) == ("int8" in kernels_available(torch.bfloat16))
+
+
+def test_prepare_cpu_linears_gives_named_low_precision_linears_the_measured_kernels(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.Linear(32, 8).to(torch.bfloat16))
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.Linear(32, 8).to(torch.bfloat16),
+                          nn.Linear(8, 8).to(torch.bfloat16))
     prepare_cpu_linears(model, {"0", "3"}, tmp_path)
-    choice = choose_fp16_max_rows({(64, 32): 1}, tmp_path)  # cached by the call above
-    if choice.fp16_max_rows > 0:
-        assert isinstance(model[0], LowPrecisionLinear) and model[0].fp16_max_rows == choice.fp16_max_rows
-        assert (model[0].weight is not None) == choice.keep_fp32
-    else:
-        assert isinstance(model[0], PackedLinear)
+    for i, dtype, shapes in ((0, torch.float32, {(64, 32): 1}), (3, torch.bfloat16, {(8, 32): 1})):
+        choice = choose_kernels(shapes, dtype, tmp_path)  # cached by the call above
+        if choice.only_dense:
+            assert type(model[i]) is (PackedLinear if dtype == torch.float32 else nn.Linear)
+        else:
+            assert isinstance(model[i], LowPrecisionLinear) and model[i].kernels == choice.kernels
     assert isinstance(model[2], PackedLinear)  # exact float32 values: always the exact kernel
-    assert type(model[3]) is nn.Linear  # bfloat16: as it is
+    assert type(model[4]) is nn.Linear  # exact bfloat16 values: as it is
 
 
 def test_embedded_model_runs_its_quantized_blocks_at_low_precision_only_under_auto(smollm_path):
+    """Auto's kernels against the same dtype asked for explicitly (every weight as loaded, dense)."""
     from forklm import LLM, SamplingParams
 
     auto = LLM(smollm_path)
-    exact = LLM(smollm_path, dtype="float32")
+    exact = LLM(smollm_path, dtype=str(auto.dtype).removeprefix("torch."))
     lows = [m for m in auto.model.modules() if isinstance(m, LowPrecisionLinear)]
     assert not any(isinstance(m, LowPrecisionLinear) for m in exact.model.modules())
-    if auto.dtype == torch.float32 and lows:
+    if lows:
         # every linear of the file is a Q4_1 / Q8_0 block tensor, the tied head (Q8_0 embedding) included
         assert len(lows) == 7 * auto.config.n_layers + 1 and isinstance(auto.model.lm_head, LowPrecisionLinear)
+        assert len({m.kernels for m in lows}) == 1 and lows[0].describe() in auto.precision_summary()
+    int8 = any(k == "int8" for m in lows for _, k in m.kernels)
     prompt = auto.encode("The capital of France is")
     params = SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True)
     a, e = (llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)[0].outputs[0]
             for llm in (auto, exact))
     n = next((i for i, (x, y) in enumerate(zip(a.token_ids, e.token_ids)) if x != y), len(a.token_ids))
-    assert n >= 4  # greedy text agrees (float16-held weights move logits by ~1e-3)
+    assert n >= 4  # greedy text agrees
+    # float16-held weights move log probs by ~1e-3; int8 rows (bfloat16 model) by up to 0.16-0.22 over 32
+    # greedy tokens of four prompts, measured on the AVX512-BF16 host (benchmarks/README.md)
+    bound = 0.3 if int8 else 0.05
     for i in range(n):
-        assert abs(a.logprobs[i][a.token_ids[i]].logprob - e.logprobs[i][e.token_ids[i]].logprob) < 0.05
+        assert abs(a.logprobs[i][a.token_ids[i]].logprob - e.logprobs[i][e.token_ids[i]].logprob) < bound

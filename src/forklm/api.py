@@ -172,7 +172,7 @@ class LLM:
         return DTYPES[name]
 
     def precision_summary(self) -> str:
-        """One line: the dtype and why, the quantization, and the linears held at float16."""
+        """One line: the dtype and why, the quantization, and the kernels of the low-precision linears."""
         from .cpu_linear import LowPrecisionLinear
 
         dtype = str(self.dtype).removeprefix("torch.")
@@ -181,8 +181,7 @@ class LLM:
             line += f"; quantization {self.quantization}"
         low = [m for m in self.model.modules() if isinstance(m, LowPrecisionLinear)]
         if low:
-            line += (f"; {len(low)} low-precision linears run float16 weights up to {low[0].fp16_max_rows} rows "
-                     f"(measured faster on this CPU)")
+            line += f"; {len(low)} low-precision linears run {low[0].describe()} (measured fastest on this CPU)"
         return line
 
     def _prepare_linears(self, model, low_precision: frozenset[str]) -> None:

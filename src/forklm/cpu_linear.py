@@ -14,10 +14,13 @@ too, so the LM head then costs one more copy). The kernel is called through the 
 a custom op is opaque to it, so compiled and eager decode run the same kernel.
 
 Weights whose values are already low precision (a GGUF file's Q8_0 / Q4_x blocks, or `quantization=`)
-can also run through fbgemm's GEMM on float16 weights with float32 activations (`Fp16Linear`, via
-`forklm::fp16_linear`): half the bytes of float32 and, on the 2-core AVX2 host, faster than the
-packed float32 linear at few rows but slower at many (benchmarks/results/cpu_linear_fp16*). `LowPrecisionLinear` holds both
-and picks by the call's row count, at the crossover measured for this host (`linear_choice.py`).
+can run other kernels (`LowPrecisionLinear`): fbgemm's GEMM on float16 weights (half the bytes of
+float32; exact to 2^-11 of each value) and, with bfloat16 activations, `aten._weight_int8pack_mm` on
+int8 weights with a scale per output row (a quarter of the bytes; a requantization with a stated
+bound, `pack_int8`). Which is fastest depends on the host and the call's row count: on the 2-core
+AVX2 host float16 won at few rows and lost at many (benchmarks/results/cpu_linear_fp16*); on an
+AVX512-BF16 host int8 won at one row. `linear_choice.py` measures them once per host; each
+`LowPrecisionLinear` then picks by the row count of the call.
 """
 
 from __future__ import annotations
@@ -89,10 +92,12 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def is_cpu_linear(linear: nn.Module) -> bool:
+    return type(linear) is nn.Linear and linear.weight.device.type == "cpu"
+
+
 def should_pack(linear: nn.Module) -> bool:
-    return (
-        type(linear) is nn.Linear and linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
-    )
+    return is_cpu_linear(linear) and linear.weight.dtype == torch.float32
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -158,61 +163,154 @@ def pack_fp16(weight: Tensor) -> Tensor:
                                                        .contiguous())
 
 
-class LowPrecisionLinear(nn.Module):
-    """y = x W^T + b for a weight whose values are low precision (see quant.py), float32 activations
-    on CPU: fbgemm on float16 weights for calls of at most `fp16_max_rows` rows, the oneDNN-packed float32
-    weight above (kept only when some row count needs it: `fp16_max_rows` < the largest call). Float16
-    holds every such value within 2^-11 of itself (quant.LOW_PRECISION_REL_BOUND). Inference only."""
+# The kernels a low-precision linear can run, by activation dtype (what `linear_choice` measures):
+#   "int8":  aten._weight_int8pack_mm on int8 weights with one scale per output row (requantized:
+#            see `pack_int8`); bfloat16 activations only (in float32 it was 10x slower, measured);
+#   "fp16":  fbgemm's GEMM on float16 weights, float32 activations (bfloat16 ones converted around it);
+#   "dense": the model's own kernel: oneDNN-packed float32, or `F.linear` in bfloat16.
+KERNELS = {torch.float32: ("fp16", "dense"), torch.bfloat16: ("int8", "fp16", "dense")}
 
-    def __init__(self, linear: nn.Linear, fp16_max_rows: int, keep_fp32: bool):
+
+def int8_available() -> bool:
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+
+
+def kernels_available(dtype: torch.dtype) -> tuple[str, ...]:
+    ok = {"int8": int8_available(), "fp16": fp16_weights_available(), "dense": dtype != torch.float32 or
+          packing_available()}
+    return tuple(k for k in KERNELS.get(dtype, ("dense",)) if ok[k])
+
+
+def pack_int8(weight: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
+    """(q int8 [out, in], scales [out] in `dtype`) with weight ~= q * scales[:, None]: symmetric, one
+    scale per output row, the scale rounded *up* to `dtype` so that |q| <= 127 still holds. Each weight
+    is then within scale / 2 <= max|row| / 254 * (1 + 2^-7) of itself (`int8_error_bound`)."""
+    w = weight.detach().to(device="cpu", dtype=torch.float32)
+    amax = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # [out]
+    s = (amax / 127).to(dtype)
+    s = torch.where(s.float() < amax / 127, torch.nextafter(s, torch.full_like(s, torch.inf)), s)  # round up
+    q = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), s.contiguous()
+
+
+def int8_error_bound(weight: Tensor) -> Tensor:
+    """[out]: the most any weight of a row moves under `pack_int8` (bfloat16 scales)."""
+    return weight.detach().float().abs().amax(dim=1) / 254 * (1 + 2.0 ** -7)
+
+
+def _run_fp16(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, op=None) -> Tensor:
+    """fbgemm on float16 weights: through the custom op `op` when given (under compile), else directly."""
+    x32 = x.contiguous() if x.dtype == torch.float32 else x.float()
+    y = op(x32, weight, bias, out_features) if op is not None else _fbgemm_fp16(x32, weight, bias)  # [..., out]
+    return y.to(x.dtype)
+
+
+class LowPrecisionLinear(nn.Module):
+    """y = x W^T + b on CPU for a weight whose values are low precision (a GGUF file's blocks or
+    `quantization=`, see quant.py): each call runs the kernel measured fastest on this host for its row
+    count (`linear_choice.py`). `kernels`: ((max_rows, name), ...) ascending; a call of r rows runs the
+    first entry with r <= max_rows, the last entry also every larger call. Only the weights of the
+    kernels named are kept.
+
+    Exactness, per kernel: "dense" holds the weight as loaded; "fp16" within 2^-11 of each value
+    (quant.LOW_PRECISION_REL_BOUND); "int8" within max|row| / 254 * (1 + 2^-7) (`pack_int8`). Inference only."""
+
+    def __init__(self, linear: nn.Linear, kernels: tuple[tuple[int, str], ...]):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.fp16_max_rows, self.keep_fp32 = fp16_max_rows, keep_fp32
-        bias = None if linear.bias is None else linear.bias.detach().to(torch.float32).clone()
+        self.dtype = linear.weight.dtype
+        assert kernels and all(k in KERNELS[self.dtype] for _, k in kernels), kernels
+        self.kernels = tuple(kernels)
+        bias = None if linear.bias is None else linear.bias.detach().to(self.dtype).clone()
         self.register_buffer("bias", bias, persistent=False)
-        self._fp16_op, self._packed_op = fp16_linear_op(), packed_linear_op()
+        names = {k for _, k in self.kernels}
+        # the custom ops compiled code calls (defined here, outside any trace)
+        self._fp16_op = fp16_linear_op() if "fp16" in names else None
+        self._packed_op = packed_linear_op() if "dense" in names and self.dtype == torch.float32 else None
         self.repack(linear.weight)
 
+    @property
+    def fp16_max_rows(self) -> int:
+        return max((r for r, k in self.kernels if k == "fp16"), default=0)
+
     def repack(self, weight: Tensor) -> None:
-        """Replace the weight with `weight` [out, in] (packed again in each kept format)."""
+        """Replace the weight with `weight` [out, in] (packed again for each kernel kept)."""
         assert tuple(weight.shape) == (self.out_features, self.in_features)
+        names = {k for _, k in self.kernels}
         w = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        # the packed weights are opaque handles [8] / mkldnn tensors; not saved with state_dict
-        self.register_buffer("weight_fp16", pack_fp16(w), persistent=False)
-        fp32 = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) if self.keep_fp32 else None
-        self.register_buffer("weight", fp32, persistent=False)
+        # packed weights: opaque fbgemm handles / mkldnn tensors, int8 [out, in] + scales [out]; none saved
+        # with state_dict
+        self.register_buffer("weight_fp16", pack_fp16(w) if "fp16" in names else None, persistent=False)
+        q, s = pack_int8(w, self.dtype) if "int8" in names else (None, None)
+        self.register_buffer("weight_int8", q, persistent=False)
+        self.register_buffer("int8_scales", s, persistent=False)
+        dense = None
+        if "dense" in names:
+            dense = (torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) if self.dtype == torch.float32
+                     else weight.detach().to(device="cpu", dtype=self.dtype).contiguous())
+        self.register_buffer("weight", dense, persistent=False)
+
+    def kernel_for(self, rows: int) -> str:
+        for max_rows, name in self.kernels:
+            if rows <= max_rows:
+                return name
+        return self.kernels[-1][1]
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // self.in_features
-        if torch.compiler.is_compiling():  # custom ops: opaque to inductor
-            if rows <= self.fp16_max_rows or self.weight is None:
-                return self._fp16_op(x, self.weight_fp16, self.bias, self.out_features)  # [..., in] -> [..., out]
+        kernel = self.kernel_for(x.numel() // self.in_features)
+        compiling = torch.compiler.is_compiling()  # custom ops under compile: opaque to inductor
+        if kernel == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8,
+                                                   self.int8_scales)  # [rows, in] -> [rows, out]
+            y = y.view(*x.shape[:-1], self.out_features)  # [..., out]
+            return y if self.bias is None else y + self.bias
+        if kernel == "fp16":
+            return _run_fp16(x, self.weight_fp16, self.bias, self.out_features, self._fp16_op if compiling else None)
+        if self.dtype != torch.float32:
+            return nn.functional.linear(x, self.weight, self.bias)
+        if compiling:
             return self._packed_op(x, self.weight, self.bias)  # [..., in] -> [..., out]
-        # eager: the ops' bodies directly (the custom-op wrapper adds Python work to each of ~200 calls a step)
-        if rows <= self.fp16_max_rows or self.weight is None:
-            return _fbgemm_fp16(x.contiguous(), self.weight_fp16, self.bias)
+        # eager: the op's body directly (the custom-op wrapper adds Python work to each of ~200 calls a step)
         return _linear_pointwise(x.contiguous(), self.weight, self.bias, "none", [], "")
+
+    def describe(self) -> str:
+        return describe_kernels(self.kernels)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"fp16_max_rows={self.fp16_max_rows}, keep_fp32={self.keep_fp32}")
+                f"dtype={self.dtype}, kernels={self.kernels}")
 
 
-def use_low_precision_linears(model: nn.Module, names: set[str], fp16_max_rows: int, keep_fp32: bool) -> int:
-    """Swap the float32 CPU linears named in `names` for `LowPrecisionLinear`s, in place; returns how many.
-    A linear whose weight float16 cannot hold (|w| > 65504) keeps its float32 kernel."""
+KERNEL_WORDS = {"int8": "int8 weights", "fp16": "float16 weights", "dense": "dense"}
+
+
+def describe_kernels(kernels: tuple[tuple[int, str], ...]) -> str:
+    """e.g. "int8 weights up to 2 rows, float16 weights up to 8, dense above"."""
+    parts = [f"{KERNEL_WORDS[k]} up to {r} rows" if i == 0 else f"{KERNEL_WORDS[k]} up to {r}"
+             for i, (r, k) in enumerate(kernels[:-1])]
+    last = KERNEL_WORDS[kernels[-1][1]]
+    return ", ".join(parts + [f"{last} above" if parts else f"{last} at every row count"])
+
+
+def use_low_precision_linears(model: nn.Module, names: set[str], kernels: tuple[tuple[int, str], ...],
+                              dtype: torch.dtype | None = None) -> int:
+    """Swap the CPU linears named in `names` (of `dtype`, default: any float32 or bfloat16 one) for
+    `LowPrecisionLinear`s running `kernels`, in place; returns how many. A linear whose weight float16
+    cannot hold (|w| > 65504) is left as it is when `kernels` name "fp16"."""
     count = 0
     for name, module in list(model.named_modules()):
-        if name not in names or not should_pack(module):
+        if name not in names or not is_cpu_linear(module) or module.weight.dtype not in KERNELS:
             continue
-        if module.weight.detach().abs().max().item() > torch.finfo(torch.float16).max:
-            log.warning("%s: weights beyond float16's range; it keeps the float32 kernel", name)
+        if dtype is not None and module.weight.dtype != dtype:
+            continue
+        if (any(k == "fp16" for _, k in kernels)
+                and module.weight.detach().abs().max().item() > torch.finfo(torch.float16).max):
+            log.warning("%s: weights beyond float16's range; it keeps its own kernel", name)
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, LowPrecisionLinear(module, fp16_max_rows, keep_fp32))
+        setattr(parent, attr, LowPrecisionLinear(module, kernels))
         count += 1
     if count:
-        log.info("%d low-precision linears: float16 weights up to %d rows%s", count, fp16_max_rows,
-                 ", packed float32 above" if keep_fp32 else "")
+        log.info("%d low-precision linears: %s", count, describe_kernels(kernels))
     return count

@@ -1,11 +1,14 @@
-"""Which CPU kernel runs low-precision linears on this host, measured once and cached on disk.
+"""Which CPU kernel runs low-precision linears on this host, per row count, measured once and cached.
 
 Hosts differ: on the 2-core AVX2 EPYC, fbgemm's float16-weight GEMM ran SmolLM2's linears faster
 than oneDNN's packed float32 at few rows and slower at many (benchmarks/results/cpu_linear_fp16*);
-other CPUs move the crossover or remove it. So `choose_fp16_max_rows` times both
-kernels on the model's own weight shapes at `PROBE_ROWS` and keeps the largest row count up to which
-float16 stays ahead. The result is cached per (CPU model, instruction set, torch, threads, shapes)
-in `cache_dir()` and reused by every later process; delete the file to measure again.
+on the AVX512-BF16 EPYC, `_weight_int8pack_mm` on int8 weights with bfloat16 activations was the
+fastest at one row and slowest at 64 (benchmarks/results/cpu_linear_kernels_*). So `choose_kernels`
+times every kernel `cpu_linear.kernels_available` offers for the model's dtype on the model's own
+weight shapes at each of `PROBE_ROWS`, and keeps, per row count, the fastest (the model's own
+"dense" kernel unless another beats it by `MARGIN`). The result is cached per (CPU model,
+instruction set, torch, threads, dtype, shapes) in `cache_dir()` and reused by every later process;
+delete the file to measure again.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,20 +31,22 @@ log = logging.getLogger(__name__)
 
 PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 256)
 PROBE_BYTES = 32 << 20  # float32 weight bytes timed per distinct shape: enough to stream from memory
-CACHE_VERSION = 1
+MARGIN = 0.05  # another kernel replaces "dense" at a row count only when this much faster (fewer copies kept)
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
 class LinearChoice:
-    """fp16_max_rows: calls of at most this many rows run the float16 kernel (0: never);
-    keep_fp32: some measured row count was faster in float32, so the packed float32 weight is kept.
-    fp16_ms / fp32_ms: one pass over the model's linears per row count in PROBE_ROWS, as measured."""
+    """kernels: ((max_rows, kernel name), ...) for `cpu_linear.LowPrecisionLinear`; ms: one pass over
+    the model's low-precision linears, per kernel, at each row count of PROBE_ROWS, as measured."""
 
-    fp16_max_rows: int
-    keep_fp32: bool
-    fp16_ms: tuple[float, ...]
-    fp32_ms: tuple[float, ...]
+    kernels: tuple[tuple[int, str], ...]
+    ms: dict[str, tuple[float, ...]]
     loadavg: float
+
+    @property
+    def only_dense(self) -> bool:
+        return all(k == "dense" for _, k in self.kernels)
 
 
 def cache_dir() -> Path:
@@ -50,32 +55,42 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "forklm"
 
 
-def host_key(shapes: dict[tuple[int, int], int]) -> dict:
+def host_key(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype, kernels: Sequence[str]) -> dict:
     return {
         "version": CACHE_VERSION,
         "cpu": cpu_model(),
         "capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "kernels": list(kernels),
         "shapes": sorted([o, i, c] for (o, i), c in shapes.items()),
     }
 
 
-def choose_fp16_max_rows(shapes: dict[tuple[int, int], int], directory: Path | None = None) -> LinearChoice:
-    """The cached choice for these linear shapes ((out, in) -> count) on this host, measured if absent."""
-    key = host_key(shapes)
+def choose_kernels(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype,
+                   directory: Path | None = None) -> LinearChoice:
+    """The cached choice for these linear shapes ((out, in) -> count) in `dtype` on this host,
+    measured if absent."""
+    from .cpu_linear import kernels_available
+
+    names = kernels_available(dtype)
+    key = host_key(shapes, dtype, names)
     path = (directory or cache_dir()) / f"linear-choice-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.json"
     try:
         cached = json.loads(path.read_text())
         if cached["key"] == key:
-            choice = cached["choice"]
-            return LinearChoice(**{**choice, "fp16_ms": tuple(choice["fp16_ms"]), "fp32_ms": tuple(choice["fp32_ms"])})
+            c = cached["choice"]
+            return LinearChoice(tuple((int(r), str(k)) for r, k in c["kernels"]),
+                                {k: tuple(v) for k, v in c["ms"].items()}, float(c["loadavg"]))
     except (OSError, ValueError, KeyError, TypeError):
         pass
+    if names == ("dense",):
+        return LinearChoice(((PROBE_ROWS[-1], "dense"),), {}, os.getloadavg()[0])
     start = time.perf_counter()
-    choice = measure(shapes)
-    log.info("measured this host's linear kernels in %.1f s: float16 weights up to %d rows (cached in %s)",
-             time.perf_counter() - start, choice.fp16_max_rows, path)
+    choice = measure(shapes, dtype, names)
+    log.info("measured this host's %s linear kernels in %.1f s: %s (cached in %s)", key["dtype"],
+             time.perf_counter() - start, choice.kernels, path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -86,66 +101,83 @@ def choose_fp16_max_rows(shapes: dict[tuple[int, int], int], directory: Path | N
     return choice
 
 
-def fp16_max_rows_from(fp16_ms: Iterable[float], fp32_ms: Iterable[float]) -> tuple[int, bool]:
-    """(largest row count of PROBE_ROWS up to which float16 is never slower, whether float32 ever won)."""
-    best, fp32_won = 0, False
-    for rows, a, b in zip(PROBE_ROWS, fp16_ms, fp32_ms):
-        if a <= b and not fp32_won:
-            best = rows
-        elif a > b:
-            fp32_won = True
-    return best, fp32_won
+def kernels_from(ms: Mapping[str, Sequence[float]]) -> tuple[tuple[int, str], ...]:
+    """((max_rows, name), ...): at each row count of PROBE_ROWS the fastest kernel, "dense" unless
+    another is more than MARGIN faster; neighbouring row counts with one kernel merged."""
+    out: list[tuple[int, str]] = []
+    for i, rows in enumerate(PROBE_ROWS):
+        best = min(ms, key=lambda k: ms[k][i])
+        if "dense" in ms and ms[best][i] > (1 - MARGIN) * ms["dense"][i]:
+            best = "dense"
+        if out and out[-1][1] == best:
+            out[-1] = (rows, best)
+        else:
+            out.append((rows, best))
+    return tuple(out)
+
+
+def _kernel_fns(dtype: torch.dtype, names: Sequence[str]):
+    """name -> (pack(weight float32) -> packed, run(x, packed, out_features))."""
+    from .cpu_linear import PACK_ROWS_HINT, _run_fp16, pack_fp16, pack_int8, packed_linear_op
+
+    fns = {
+        "fp16": (pack_fp16, lambda x, w, out: _run_fp16(x, w, None, out)),
+        "int8": (lambda w: pack_int8(w, dtype), lambda x, w, out: torch.ops.aten._weight_int8pack_mm(x, *w)),
+    }
+    if dtype == torch.float32:
+        op = packed_linear_op()
+        fns["dense"] = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT),
+                        lambda x, w, out: op(x, w, None))
+    else:
+        fns["dense"] = (lambda w: w.to(dtype), lambda x, w, out: torch.nn.functional.linear(x, w))
+    return {k: fns[k] for k in names}
 
 
 @torch.inference_mode()
-def measure(shapes: dict[tuple[int, int], int], reps: int = 5) -> LinearChoice:
+def measure(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype, names: Sequence[str],
+            reps: int = 5) -> LinearChoice:
     """Time one pass over the model's linears (each distinct shape timed on enough copies to stream
-    from memory, scaled to its count) in both kernels at every row count of PROBE_ROWS."""
-    from .cpu_linear import PACK_ROWS_HINT, fp16_linear_op, pack_fp16, packed_linear_op
-
-    fp16_op, fp32_op = fp16_linear_op(), packed_linear_op()
-    plan = []  # (in features, count scale, fp16 weights, fp32 weights)
+    from memory, scaled to its count) in every kernel at every row count of PROBE_ROWS."""
+    fns = _kernel_fns(dtype, names)
+    plan = []  # (in features, out features, count scale, {kernel: packed weights})
     for (out, inp), count in shapes.items():
         copies = max(1, min(count, math.ceil(PROBE_BYTES / (4 * out * inp))))
         dense = [torch.randn(out, inp) * 0.02 for _ in range(copies)]
-        plan.append((inp, out, count / copies, [pack_fp16(w) for w in dense],
-                     [torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) for w in dense]))
+        plan.append((inp, out, count / copies, {k: [pack(w) for w in dense] for k, (pack, _) in fns.items()}))
         del dense
-    fp16_ms, fp32_ms = [], []
+    ms: dict[str, list[float]] = {k: [] for k in fns}
     for rows in PROBE_ROWS:
-        xs = {inp: torch.randn(rows, inp) for inp, *_ in plan}
-        best16, best32 = [float("inf")] * len(plan), [float("inf")] * len(plan)
-        for rep in range(reps + 1):  # the kernels alternate, so a busy moment slows both; rep 0 warms up
-            for j, (inp, out, _, w16, w32) in enumerate(plan):
-                x = xs[inp]
-                t0 = time.perf_counter()
-                for w in w16:
-                    fp16_op(x, w, None, out)
-                t1 = time.perf_counter()
-                for w in w32:
-                    fp32_op(x, w, None)
-                t2 = time.perf_counter()
-                if rep:
-                    best16[j], best32[j] = min(best16[j], t1 - t0), min(best32[j], t2 - t1)
-        fp16_ms.append(1e3 * sum(p[2] * t for p, t in zip(plan, best16)))
-        fp32_ms.append(1e3 * sum(p[2] * t for p, t in zip(plan, best32)))
-    max_rows, keep = fp16_max_rows_from(fp16_ms, fp32_ms)
-    return LinearChoice(max_rows, keep, tuple(fp16_ms), tuple(fp32_ms), os.getloadavg()[0])
+        xs = {inp: torch.randn(rows, inp).to(dtype) for inp, *_ in plan}
+        best = {k: [math.inf] * len(plan) for k in fns}
+        for rep in range(reps + 1):  # the kernels alternate, so a busy moment slows all; rep 0 warms up
+            for j, (inp, out, _, packed) in enumerate(plan):
+                for k, (_, run) in fns.items():
+                    t0 = time.perf_counter()
+                    for w in packed[k]:
+                        run(xs[inp], w, out)
+                    if rep:
+                        best[k][j] = min(best[k][j], time.perf_counter() - t0)
+        for k in fns:
+            ms[k].append(1e3 * sum(p[2] * t for p, t in zip(plan, best[k])))
+    return LinearChoice(kernels_from(ms), {k: tuple(v) for k, v in ms.items()}, os.getloadavg()[0])
 
 
 def prepare_cpu_linears(model: torch.nn.Module, low_precision: set[str], directory: Path | None = None) -> None:
-    """Give every float32 linear of a CPU model its kernel, in place: the linears named in
-    `low_precision` (values already low precision) run float16 weights up to this host's measured row
-    crossover where that pays; every other float32 linear runs oneDNN-packed (cpu_linear.py)."""
-    from .cpu_linear import fp16_weights_available, pack_linears, packing_available, should_pack, \
-        use_low_precision_linears
+    """Give every linear of a CPU model its kernel, in place: the float32 or bfloat16 linears named in
+    `low_precision` (values already low precision) run this host's measured kernels per row count
+    where any beats the dense one; every other float32 linear runs oneDNN-packed (cpu_linear.py)."""
+    from .cpu_linear import KERNELS, is_cpu_linear, pack_linears, packing_available, use_low_precision_linears
 
-    low = {n: m for n, m in model.named_modules() if n in low_precision and should_pack(m)}
-    if low and fp16_weights_available() and packing_available():
+    low = {n: m for n, m in model.named_modules() if n in low_precision and is_cpu_linear(m)
+           and m.weight.dtype in KERNELS}
+    for dtype in {m.weight.dtype for m in low.values()}:
+        if dtype == torch.float32 and not packing_available():
+            continue
         shapes: dict[tuple[int, int], int] = {}
         for m in low.values():
-            shapes[(m.out_features, m.in_features)] = shapes.get((m.out_features, m.in_features), 0) + 1
-        choice = choose_fp16_max_rows(shapes, directory)
-        if choice.fp16_max_rows > 0:
-            use_low_precision_linears(model, set(low), choice.fp16_max_rows, choice.keep_fp32)
+            if m.weight.dtype == dtype:
+                shapes[(m.out_features, m.in_features)] = shapes.get((m.out_features, m.in_features), 0) + 1
+        choice = choose_kernels(shapes, dtype, directory)
+        if not choice.only_dense:
+            use_low_precision_linears(model, set(low), choice.kernels, dtype)
     pack_linears(model)
