@@ -26,6 +26,9 @@ def test_each_row_count_takes_its_fastest_kernel_and_neighbours_merge():
     # within MARGIN of dense: dense (one copy fewer to keep)
     near = [2 * (1 - MARGIN / 2)] * N
     assert kernels_from({"fp16": near, "dense": [2] * N}) == ((PROBE_ROWS[-1], "dense"),)
+    # a kernel that is never MARGIN ahead of the other kept ones is dropped (one copy fewer)
+    assert kernels_from({"int8": int8, "fp16": [0.6, 0.5 * (1 - MARGIN / 2), 9, 9, 9, 9, 9, 9],
+                         "dense": [2] * N}) == ((PROBE_ROWS[1], "int8"), (PROBE_ROWS[-1], "dense"))
     # a kernel ahead again after losing: its own entry (every row count gets its fastest)
     assert kernels_from({"fp16": [1, 3, 1, 3, 3, 3, 3, 3], "dense": [2] * N}) == (
         (1, "fp16"), (2, "dense"), (4, "fp16"), (PROBE_ROWS[-1], "dense"))

@@ -103,12 +103,25 @@ def choose_kernels(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype,
 
 def kernels_from(ms: Mapping[str, Sequence[float]]) -> tuple[tuple[int, str], ...]:
     """((max_rows, name), ...): at each row count of PROBE_ROWS the fastest kernel, "dense" unless
-    another is more than MARGIN faster; neighbouring row counts with one kernel merged."""
+    another is more than MARGIN faster; a kernel is kept only where it is more than MARGIN faster than
+    every other kept one at some row count (each kept kernel holds its own copy of the weights);
+    neighbouring row counts with one kernel merged."""
+    kept = list(ms)
+    while True:
+        winners = []
+        for i in range(len(PROBE_ROWS)):
+            best = min(kept, key=lambda k: ms[k][i])
+            if "dense" in kept and ms[best][i] > (1 - MARGIN) * ms["dense"][i]:
+                best = "dense"
+            winners.append(best)
+        needless = [k for k in kept if k != "dense" and len(kept) > 1 and not any(
+            w == k and ms[k][i] < (1 - MARGIN) * min(ms[o][i] for o in kept if o != k)
+            for i, w in enumerate(winners))]
+        if not needless:
+            break
+        kept.remove(needless[0])
     out: list[tuple[int, str]] = []
-    for i, rows in enumerate(PROBE_ROWS):
-        best = min(ms, key=lambda k: ms[k][i])
-        if "dense" in ms and ms[best][i] > (1 - MARGIN) * ms["dense"][i]:
-            best = "dense"
+    for rows, best in zip(PROBE_ROWS, winners):
         if out and out[-1][1] == best:
             out[-1] = (rows, best)
         else:
