@@ -19,3 +19,38 @@ def test_falls_back_to_eager_for_good_after_the_recompile_limit():
     fn = with_eager_fallback(compiled, eager, "test")
     assert fn(1) == 2 and fn(2) == 3
     assert calls == ["compiled", "eager", "eager"]
+
+
+CHILD = r"""
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+from forklm import LLM, SamplingParams
+llm = LLM(sys.argv[1], compile=True)
+out = llm.generate(prompt_token_ids=[[5, 17, 33, 2, 90]], sampling_params=SamplingParams(
+    n=2, max_tokens=4, temperature=0.8, seed=1, ignore_eos=True), use_tqdm=False)[0]
+print(json.dumps({"hits": counters["inductor"]["fxgraph_cache_hit"], "misses": counters["inductor"]["fxgraph_cache_miss"],
+                  "tokens": [o.token_ids for o in out.outputs]}))
+"""
+
+
+def test_a_fresh_process_reuses_the_compiled_artifacts_on_disk(tmp_path, hf_models):
+    """torch's FX-graph cache, shared through TORCHINDUCTOR_CACHE_DIR: the second process compiles
+    nothing new (every graph is a cache hit) and samples the same tokens."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
+    runs = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", CHILD, str(hf_models["llama_gqa"][1])], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["misses"] > 0 and cold["hits"] == 0
+    assert warm["misses"] == 0 and warm["hits"] == cold["misses"]
+    assert warm["tokens"] == cold["tokens"]
