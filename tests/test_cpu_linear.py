@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from forklm.cpu_linear import (LowPrecisionLinear, PackedLinear, describe_kernels, fp16_weights_available,
-                               int8_available, int8_error_bound, pack_int8, pack_linears, packing_available,
+                               held_values, int8_available, int8_error_bound, pack_int8, pack_linears, packing_available,
                                use_low_precision_linears)
 from forklm.attention.cascade import CausalAttention
 from forklm.checkpoint import load_checkpoint
@@ -93,6 +93,25 @@ needs_fp16 = pytest.mark.skipif(not fp16_weights_available(), reason="this torch
 needs_int8 = pytest.mark.skipif(not int8_available(), reason="this torch build has no _weight_int8pack_mm")
 
 
+def test_pack_int8_rounds_each_row_within_its_bound_to_values_every_format_holds():
+    torch.manual_seed(0)
+    w = torch.randn(37, 70) * torch.logspace(-9, 1, 37)[:, None]  # rows of very different scales
+    w[3] = 0  # an all-zero row keeps a positive scale
+    for dtype in (torch.bfloat16, torch.float32):
+        q, s = pack_int8(w, dtype)
+        assert q.dtype == torch.int8 and s.dtype == dtype and q.shape == w.shape and s.shape == (37,)
+        assert q.abs().max() <= 127 and (s > 0).all()
+        assert torch.equal(torch.exp2(torch.log2(s.float()).round()), s.float())  # powers of two
+        held = q.float() * s.float()[:, None]
+        assert ((held - w).abs().amax(dim=1) <= int8_error_bound(w)).all()
+        assert torch.equal(held.bfloat16().float(), held) and torch.equal(held.half().float(), held)
+        big = w.abs().amax(dim=1) > 127 * 2.0 ** -24
+        assert (q.abs().amax(dim=1)[big] >= 64).all()  # at least half the range is used
+    assert torch.equal(held_values(w, {"int8", "dense"}), held)
+    assert torch.equal(held_values(w, {"fp16", "dense"}), w.half().float())
+    assert torch.equal(held_values(w, {"dense"}), w)
+
+
 def fp16_bound(x, w):
     """Each weight off by <= 2^-11 of itself (quant.LOW_PRECISION_REL_BOUND), so y by <= 2^-11 sum |x w|."""
     return 2.0 ** -11 * (x.float().abs() @ w.float().abs().t())
@@ -103,22 +122,16 @@ def int8_bound(x, w):
     return x.float().abs().sum(-1, keepdim=True) * int8_error_bound(w)
 
 
-def test_pack_int8_rounds_each_row_within_its_bound():
-    torch.manual_seed(0)
-    w = torch.randn(37, 70) * torch.logspace(-3, 1, 37)[:, None]  # rows of very different scales
-    w[3] = 0  # an all-zero row keeps a positive scale
-    for dtype in (torch.bfloat16, torch.float32):
-        q, s = pack_int8(w, dtype)
-        assert q.dtype == torch.int8 and s.dtype == dtype and q.shape == w.shape and s.shape == (37,)
-        assert q.abs().max() <= 127 and (s > 0).all()
-        err = (q.float() * s.float()[:, None] - w).abs().amax(dim=1)
-        assert (err <= int8_error_bound(w)).all()
-        assert (q.abs().amax(dim=1)[torch.arange(37) != 3] >= 126).all()  # the range is used
-
-
 DENSE, FP16_DENSE, FP16 = ((256, "dense"),), ((4, "fp16"), (256, "dense")), ((8, "fp16"),)
+INT8_FP16_DENSE = ((1, "int8"), (8, "fp16"), (256, "dense"))
 KERNEL_MENUS = [(torch.float32, k) for k in (DENSE, FP16_DENSE, FP16)] + [
-    (torch.bfloat16, k) for k in (DENSE, FP16_DENSE, FP16, ((1, "int8"), (8, "fp16"), (256, "dense")), ((2, "int8"),))]
+    (torch.bfloat16, k) for k in (DENSE, FP16_DENSE, FP16, INT8_FP16_DENSE, ((2, "int8"),))]
+
+
+def summation_slack(dtype, x, w, ref):
+    """float32: sums in other orders, ~1e-6 relative; bfloat16: the output rounds (2^-8) after float32
+    accumulation in any order."""
+    return (1e-5 if dtype == torch.float32 else 2.0 ** -7) * (x.float().abs() @ w.abs().t() + ref.abs()) + 1e-5
 
 
 @needs_fp16
@@ -129,9 +142,9 @@ KERNEL_MENUS = [(torch.float32, k) for k in (DENSE, FP16_DENSE, FP16)] + [
 @pytest.mark.parametrize("rows", [(1,), (2,), (3,), (17,), (2, 9), (1, 64)])
 def test_low_precision_linear_runs_each_row_counts_kernel_within_its_bound(dtype, kernels, bias, in_f, out_f,
                                                                              rows):
-    """Each kernel against a float32 reference of the same weights: float16 within 2^-11 of each
-    weight, int8 within pack_int8's per-row bound, dense as nn.Linear (plus bfloat16 rounding of the
-    activations and output where the model runs bfloat16)."""
+    """Each kernel against a float32 product of the values the linear holds (only the summation order
+    differs), and those values against the weight: int8 within pack_int8's per-row bound, float16
+    within 2^-11 of each weight, dense exact."""
     torch.manual_seed(in_f + out_f + len(rows))
     lin = nn.Linear(in_f, out_f, bias=bias).to(dtype)
     low = LowPrecisionLinear(lin, kernels)
@@ -139,19 +152,38 @@ def test_low_precision_linear_runs_each_row_counts_kernel_within_its_bound(dtype
     n_rows = x.numel() // in_f
     kernel = low.kernel_for(n_rows)
     assert kernel == next((k for r, k in kernels if n_rows <= r), kernels[-1][1])
-    w = lin.weight.float()
-    exact = nn.functional.linear(x.float(), w, None if lin.bias is None else lin.bias.float())  # [..., out]
+    w, kept = lin.weight.float(), {k for _, k in kernels}
+    b = None if lin.bias is None else lin.bias.float()
+    held = held_values(lin.weight, kept)
     with torch.inference_mode():
         ours = low(x)
     assert ours.shape == (*rows, out_f) and ours.dtype == dtype and torch.isfinite(ours).all()
-    bound = {"fp16": fp16_bound, "int8": int8_bound, "dense": lambda x, w: 0 * exact}[kernel](x, w)
-    # float32 sums in other orders: ~1e-6 relative; bfloat16: the output rounds (2^-8) and is accumulated
-    # by oneDNN in float32
-    slack = (1e-5 if dtype == torch.float32 else 2.0 ** -7) * (x.float().abs() @ w.abs().t() + exact.abs()) + 1e-5
-    assert ((ours.float() - exact).abs() <= bound + slack).all(), (kernel, (ours.float() - exact).abs().max())
-    kept = {k for _, k in kernels}
+    on_held = nn.functional.linear(x.float(), held, b)  # [..., out]
+    assert ((ours.float() - on_held).abs() <= summation_slack(dtype, x, held, on_held)).all(), kernel
+    exact = nn.functional.linear(x.float(), w, b)
+    bound = int8_bound(x, w) if "int8" in kept else fp16_bound(x, w) if "fp16" in kept else 0 * exact
+    assert ((on_held - exact).abs() <= bound + 1e-5).all()
     assert (low.weight_fp16 is not None) == ("fp16" in kept) and (low.weight_int8 is not None) == ("int8" in kept)
     assert (low.weight is not None) == ("dense" in kept)
+
+
+@needs_fp16
+@needs_int8
+@pytest.mark.parametrize("dtype,kernels", [(torch.float32, FP16_DENSE), (torch.bfloat16, INT8_FP16_DENSE)], ids=str)
+def test_a_rows_result_does_not_depend_on_the_kernel_its_row_count_picks(dtype, kernels):
+    """The same row alone (the smallest kernel) and inside 64 rows (dense): equal up to summation order,
+    because every kernel holds the same values."""
+    torch.manual_seed(3)
+    lin = nn.Linear(576, 300).to(dtype)
+    low = LowPrecisionLinear(lin, kernels)
+    x = torch.randn(64, 576).to(dtype)
+    with torch.inference_mode():
+        alone = torch.cat([low(x[i:i + 1]) for i in range(64)])  # [64, out]: rows of one
+        together = low(x)  # [64, out]
+    assert low.kernel_for(1) != low.kernel_for(64)
+    held = held_values(lin.weight, {k for _, k in kernels})
+    ref = nn.functional.linear(x.float(), held, lin.bias.float())
+    assert ((alone.float() - together.float()).abs() <= summation_slack(dtype, x, held, ref)).all()
 
 
 @needs_fp16

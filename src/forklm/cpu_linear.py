@@ -20,7 +20,7 @@ int8 weights with a scale per output row (a quarter of the bytes; a requantizati
 bound, `pack_int8`). Which is fastest depends on the host and the call's row count: on the 2-core
 AVX2 host float16 won at few rows and lost at many (benchmarks/results/cpu_linear_fp16*); on an
 AVX512-BF16 host int8 won at one row. `linear_choice.py` measures them once per host; each
-`LowPrecisionLinear` then picks by the row count of the call.
+`LowPrecisionLinear` then picks by the row count of the call, every kernel holding the same values.
 """
 
 from __future__ import annotations
@@ -183,19 +183,36 @@ def kernels_available(dtype: torch.dtype) -> tuple[str, ...]:
 
 def pack_int8(weight: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
     """(q int8 [out, in], scales [out] in `dtype`) with weight ~= q * scales[:, None]: symmetric, one
-    scale per output row, the scale rounded *up* to `dtype` so that |q| <= 127 still holds. Each weight
-    is then within scale / 2 <= max|row| / 254 * (1 + 2^-7) of itself (`int8_error_bound`)."""
+    scale per output row, a power of two (at least 2^-24) no smaller than max|row| / 127, so |q| <= 127.
+    Each weight is then within scale / 2 <= max(max|row| / 127, 2^-25) of itself (`int8_error_bound`), and every
+    q * scale is exact in bfloat16 and float16 (at most 8 significant bits, exponent >= -24): the
+    other kernels can hold the very same values."""
     w = weight.detach().to(device="cpu", dtype=torch.float32)
-    amax = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)  # [out]
-    s = (amax / 127).to(dtype)
-    s = torch.where(s.float() < amax / 127, torch.nextafter(s, torch.full_like(s, torch.inf)), s)  # round up
-    q = torch.round(w / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q.contiguous(), s.contiguous()
+    need = w.abs().amax(dim=1) / 127  # [out]: the smallest scale that keeps |q| <= 127
+    s = torch.exp2(torch.ceil(torch.log2(need.clamp_min(2.0 ** -24))))
+    s = torch.where(s < need, s * 2, s)  # log2 rounding: never below what is needed
+    s = torch.where((s / 2 >= need) & (s > 2.0 ** -24), s / 2, s)  # nor twice it
+    q = torch.round(w / s[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), s.to(dtype).contiguous()
 
 
 def int8_error_bound(weight: Tensor) -> Tensor:
-    """[out]: the most any weight of a row moves under `pack_int8` (bfloat16 scales)."""
-    return weight.detach().float().abs().amax(dim=1) / 254 * (1 + 2.0 ** -7)
+    """[out]: the most any weight of a row moves under `pack_int8` (2^-25 for rows below 2^-24 * 127)."""
+    return (weight.detach().float().abs().amax(dim=1) / 127).clamp_min(2.0 ** -25)
+
+
+def held_values(weight: Tensor, kernels: set[str]) -> Tensor:
+    """The float32 values [out, in] a low-precision linear running `kernels` holds, the same for every
+    kernel so that the kernel a call's row count picks changes only the order of the sums, never the
+    weights: int8's q * scale where int8 is one of them, else float16's rounding where float16 is,
+    else the weight itself."""
+    w = weight.detach().to(device="cpu", dtype=torch.float32)
+    if "int8" in kernels:
+        q, s = pack_int8(w, torch.float32)
+        return q.float() * s[:, None]
+    if "fp16" in kernels:
+        return w.half().float()
+    return w.contiguous()
 
 
 def _run_fp16(x: Tensor, weight: Tensor, bias: Tensor | None, out_features: int, op=None) -> Tensor:
@@ -212,8 +229,11 @@ class LowPrecisionLinear(nn.Module):
     first entry with r <= max_rows, the last entry also every larger call. Only the weights of the
     kernels named are kept.
 
-    Exactness, per kernel: "dense" holds the weight as loaded; "fp16" within 2^-11 of each value
-    (quant.LOW_PRECISION_REL_BOUND); "int8" within max|row| / 254 * (1 + 2^-7) (`pack_int8`). Inference only."""
+    Every kernel holds the same values (`held_values`): with "int8" in the menu each weight is within
+    max|row| / 127 of itself (`pack_int8`), else with "fp16" within 2^-11 of itself
+    (quant.LOW_PRECISION_REL_BOUND), else exact. So the kernels differ only in summation order, as a
+    dense kernel does between row counts, and a sample's result does not hinge on how many rows its
+    step had. Inference only."""
 
     def __init__(self, linear: nn.Linear, kernels: tuple[tuple[int, str], ...]):
         super().__init__()
@@ -237,7 +257,7 @@ class LowPrecisionLinear(nn.Module):
         """Replace the weight with `weight` [out, in] (packed again for each kernel kept)."""
         assert tuple(weight.shape) == (self.out_features, self.in_features)
         names = {k for _, k in self.kernels}
-        w = weight.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        w = held_values(weight, names)  # [out, in] float32, exact in every kernel's format
         # packed weights: opaque fbgemm handles / mkldnn tensors, int8 [out, in] + scales [out]; none saved
         # with state_dict
         self.register_buffer("weight_fp16", pack_fp16(w) if "fp16" in names else None, persistent=False)
@@ -247,7 +267,7 @@ class LowPrecisionLinear(nn.Module):
         dense = None
         if "dense" in names:
             dense = (torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) if self.dtype == torch.float32
-                     else weight.detach().to(device="cpu", dtype=self.dtype).contiguous())
+                     else w.to(self.dtype).contiguous())
         self.register_buffer("weight", dense, persistent=False)
 
     def kernel_for(self, rows: int) -> str:

@@ -172,8 +172,9 @@ def test_text_and_stop_strings_inside_drafted_runs(smollm_path):
     stop strings cut them where plain decoding stops."""
     code = "def area(width, height):\n    return width * height\n\ndef perimeter(width, height):\n    return 2 * (width + height)\n"
     msgs = [{"role": "user", "content": "Add a docstring to each function below. Reply with the code only.\n\n" + code}]
-    plain_llm = LLM(smollm_path)
-    spec = LLM(smollm_path, speculative_config={"method": "ngram", "num_speculative_tokens": 5, "adaptive": False})
+    plain_llm = LLM(smollm_path, dtype="float32")  # exact: the float32 tolerance of `same`
+    spec = LLM(smollm_path, dtype="float32",
+               speculative_config={"method": "ngram", "num_speculative_tokens": 5, "adaptive": False})
     ids = [plain_llm.encode_chat(msgs)]
     base = generate(plain_llm, ids, SamplingParams(temperature=0.0, max_tokens=40))[0].outputs[0].text
     assert len(base) > 40

@@ -9,7 +9,7 @@ updated once per step with one vectorized `append`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
@@ -236,6 +236,13 @@ class SamplingTensors:
             any_greedy=any(g for g, r in zip(greedy, rows) if not r.is_idle),
         )
 
+    def select(self, rows: Tensor) -> SamplingTensors:
+        """The settings of `rows [r]` (int64 indices), in that order. Every tensor field is per row;
+        the `use_*` / `max_*` summaries stay those of the whole batch (a processor then may run on rows
+        that do not use it, which leaves them unchanged)."""
+        picked = {f.name: getattr(self, f.name)[rows] for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        return replace(self, num_rows=len(rows), **picked)
+
 
 def _check_ids(name: str, ids: list[int], vocab_size: int) -> None:
     for i in ids:
@@ -327,6 +334,16 @@ class TokenHistory:
         view.vocab_size = self.vocab_size
         view.tokens, view.prompt_len, view.length = self.tokens[:rows], self.prompt_len[:rows], self.length[:rows]
         view._counts = view._seen = None
+        return view
+
+    def select(self, rows: Tensor) -> TokenHistory:
+        """A copy of `rows [r]` (int64 indices), in that order: appending to it leaves this history
+        unchanged."""
+        view = TokenHistory.__new__(TokenHistory)
+        view.vocab_size = self.vocab_size
+        view.tokens, view.prompt_len, view.length = self.tokens[rows], self.prompt_len[rows], self.length[rows]
+        view._counts = None if self._counts is None else self._counts[rows]
+        view._seen = None if self._seen is None else self._seen[rows]
         return view
 
     def reset_row(self, row: int, prompt_ids: list[int]) -> None:
