@@ -1,8 +1,10 @@
 """Peer benchmark: forklm vs llama.cpp's `llama-batched-bench` on the same GGUF file (forklm's embedded
-SmolLM2-135M-Instruct Q4_1), one prompt of L tokens shared by n sequences, T new tokens each: prefill time,
-ms per decode step (one step = one token for each of the n sequences) and decode tokens/s, per cell.
+SmolLM2-135M-Instruct Q4_1) and OpenVINO GenAI on an export of the same weights, one prompt of L tokens shared by
+n sequences, T new tokens each: prefill time, ms per decode step (one step = one token for each of the n sequences)
+and decode tokens/s, per cell.
 
-    python benchmarks/bench_peers.py --llama-batched-bench /tmp/llamacpp/build/bin/llama-batched-bench
+    python benchmarks/bench_peers.py --llama-batched-bench /tmp/llamacpp/build/bin/llama-batched-bench \
+        --openvino-python /tmp/ov-venv/bin/python --openvino-model /tmp/smollm2-ov-fp32,/tmp/smollm2-ov-int8
     python benchmarks/bench_peers.py --lens 256 --ns 1,4 --out /tmp/peers_small      # a quick check
     python benchmarks/bench_peers.py --forklm-configs '{"name": "f32"}' '{"name": "bf16", "dtype": "bfloat16"}'
 
@@ -15,6 +17,11 @@ forklm cells: `llm.make_engine` (a fresh engine and prefix cache per cell) with 
 `SamplingParams(n, max_tokens=T, temperature=0.8, seed=0, ignore_eos=True)` on an English prompt; the first
 `engine.step()` is prefill + first token (TTFT), the first decode step is a warm-up, the median of the others is
 the step (whole step: model, sampling, bookkeeping).
+OpenVINO cells: one `openvino_peer.py` process per cell in OpenVINO's own virtualenv (--openvino-python; setup in
+benchmarks/README.md), `LLMPipeline(model, "CPU")` with `num_return_sequences=n, do_sample=True, temperature=0.8,
+ignore_eos=True` on forklm's prompt ids, prefix caching off; TTFT from its perf metrics, the step the median gap
+between its steps' token times after the first decode step; a warm-up generate, then --reps (the best kept); its
+peak RSS, OpenVINO version and the CPU plugin's resolved precisions are in the JSON.
 Writes OUT.json, OUT.md, OUT.png (ms/step vs n, one line per engine/config, one panel per L).
 """
 
@@ -26,6 +33,7 @@ import json
 import os
 import statistics
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -97,6 +105,25 @@ def llama_cell(binary: str, gguf: str, mode: str, L: int, n: int, T: int, thread
             "command": subprocess.list2cmdline(cmd), "log": log}
 
 
+# ---- OpenVINO GenAI ------------------------------------------------------------------------------
+def openvino_cell(python: str, model: str, prompt: list[int], n: int, T: int, threads: int, reps: int, props: dict,
+                  timeout: float) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(prompt, f)
+        f.flush()
+        cmd = [python, str(Path(__file__).with_name("openvino_peer.py")), "--model-dir", model, "--prompt-ids", f.name,
+               "--n", str(n), "--gen-tokens", str(T), "--threads", str(threads), "--reps", str(reps),
+               "--props", json.dumps(props)]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"timed out after {timeout:.0f} s: {subprocess.list2cmdline(cmd)}") from None
+    rows = [json.loads(ln) for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or not rows:
+        raise RuntimeError(f"rc {p.returncode}: {(p.stdout + p.stderr)[-300:]}")
+    return {**rows[-1], "command": subprocess.list2cmdline(cmd)}
+
+
 # ---- forklm -------------------------------------------------------------------------------------
 def forklm_once(llm: LLM, prompt: list[int], n: int, T: int) -> dict:
     engine = llm.make_engine(CacheShape(1, n, n, len(prompt), T))
@@ -131,6 +158,7 @@ def make_prompt(llm: LLM, L: int) -> list[int]:
 # ---- output -------------------------------------------------------------------------------------
 COLUMNS = [("L", "L", "{}"), ("n", "n", "{}"), ("engine", "engine", "{}"), ("prefill / TTFT s", "prefill_s", "{:.3f}"),
            ("ms/step", "step_ms", "{:.1f}"), ("decode tok/s", "tok_s", "{:.1f}"), ("reps ms/step", "reps_txt", "{}"),
+           ("peak RSS GB", "rss_txt", "{}"),
            ("load1 before", "load1_before", "{:.2f}"), ("other cores", "others_cores", "{:.2f}")]
 
 
@@ -168,14 +196,21 @@ def main() -> None:
     ap.add_argument("--lens", type=csv(int), default=[256, 2048])
     ap.add_argument("--ns", type=csv(int), default=[1, 4, 16, 64])
     ap.add_argument("--gen-tokens", type=int, default=32, help="T: new tokens per sequence")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads and llama.cpp -t")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads, llama.cpp -t, OpenVINO threads")
     ap.add_argument("--reps", type=int, default=2, help="runs per cell and engine; the fastest decode is kept")
-    ap.add_argument("--engines", type=csv(str), default=["llama.cpp", "forklm"])
+    ap.add_argument("--engines", type=csv(str), default=["llama.cpp", "forklm", "openvino"])
     ap.add_argument("--llama-batched-bench", default=os.environ.get("FORKLM_LLAMA_BATCHED_BENCH"),
                     help="path of llama-batched-bench (default: $FORKLM_LLAMA_BATCHED_BENCH)")
     ap.add_argument("--llama-modes", type=csv(str), default=["kvu", "split"], help="kvu: -kvu; split: a stream per sequence")
     ap.add_argument("--llama-extra", default="", help="more llama-batched-bench arguments, e.g. '-fa'")
     ap.add_argument("--llama-timeout", type=float, default=300.0, help="s per llama-batched-bench process")
+    ap.add_argument("--openvino-python", default=os.environ.get("FORKLM_OPENVINO_PYTHON"),
+                    help="python of a virtualenv with openvino-genai (default: $FORKLM_OPENVINO_PYTHON)")
+    ap.add_argument("--openvino-model", type=csv(str), default=[], help="optimum-cli export openvino folders, "
+                    "comma-separated: one engine each")
+    ap.add_argument("--openvino-props", type=json.loads, default={}, help="JSON: more CPU plugin properties, e.g. "
+                    '\'{"INFERENCE_PRECISION_HINT": "f32"}\'')
+    ap.add_argument("--openvino-timeout", type=float, default=300.0, help="s per openvino_peer.py process")
     ap.add_argument("--forklm-kwargs", type=json.loads, default={}, help="JSON passed to every LLM(...)")
     ap.add_argument("--forklm-configs", type=json.loads, nargs="+", default=[{"name": "float32"}],
                     help="JSON objects: a name and LLM(...) keyword arguments (over --forklm-kwargs)")
@@ -195,6 +230,16 @@ def main() -> None:
                   "pass --llama-batched-bench PATH or set FORKLM_LLAMA_BATCHED_BENCH)")
         print(reason, flush=True)
         res["skipped"], llama = [reason], False
+    ov_models = args.openvino_model if "openvino" in args.engines else []
+    ov_ready = (args.openvino_python and os.access(args.openvino_python, os.X_OK) and ov_models
+                and all((Path(m) / "openvino_model.xml").is_file() for m in ov_models))
+    if "openvino" in args.engines and not ov_ready:
+        reason = (f"OpenVINO cells skipped: needs --openvino-python (a virtualenv's python with openvino-genai; "
+                  f"got {args.openvino_python!r}) and --openvino-model (export folders with openvino_model.xml; got "
+                  f"{args.openvino_model!r}); setup in benchmarks/README.md")
+        print(reason, flush=True)
+        res["skipped"].append(reason)
+        ov_models = []
     llms = {}
     if "forklm" in args.engines:
         for cfg in args.forklm_configs:
@@ -203,11 +248,14 @@ def main() -> None:
             llms[name] = (LLM(**kw), kw)
             llms[name][0].generate("Hello", SamplingParams(max_tokens=4, seed=0), use_tqdm=False)  # warm-up
     res["forklm_configs"] = {k: kw for k, (_, kw) in llms.items()}
+    # OpenVINO gets the same prompt ids as forklm (the first config's tokenizer, or the default model's)
+    ids_llm = next(iter(llms.values()))[0] if llms else (LLM() if ov_models else None)
     print(" | ".join(c[0] for c in COLUMNS), flush=True)
 
     def record(cell: dict) -> None:
         cell["tok_s"] = 1e3 * cell["n"] / cell["step_ms"]
         cell["reps_txt"] = " / ".join(f"{x:.1f}" for x in cell["reps_step_ms"])
+        cell["rss_txt"] = f"{cell['peak_rss_gb']:.2f}" if "peak_rss_gb" in cell else "-"
         res["cells"].append(cell)
         print(" | ".join(fmt.format(cell[k]) for _, k, fmt in COLUMNS), flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +263,7 @@ def main() -> None:
 
     for L in args.lens:
         prompts = {name: make_prompt(llm, L) for name, (llm, _) in llms.items()}
+        ov_prompt = make_prompt(ids_llm, L) if ov_models else []
         for n in args.ns:  # engines interleaved per cell, so slow drifts of a shared host hit them alike
             for mode in args.llama_modes if llama else []:
                 try:
@@ -228,8 +277,23 @@ def main() -> None:
             for name, (llm, _) in llms.items():
                 r = measured(lambda: forklm_cell(llm, prompts[name], n, T, args.reps), args.quiet_wait)
                 record({"L": L, "n": n, "engine": name, **r})
+            for model in ov_models:
+                try:
+                    r = measured(lambda: openvino_cell(args.openvino_python, model, ov_prompt, n, T, args.threads,
+                                                       args.reps, args.openvino_props, args.openvino_timeout),
+                                 args.quiet_wait)
+                    record({"L": L, "n": n, "engine": f"openvino {Path(model).name}", **r})
+                except RuntimeError as e:
+                    res["skipped"].append(f"openvino {model} L={L} n={n}: {e}")
+                    print(res["skipped"][-1], flush=True)
     res["load_end"] = os.getloadavg()
     build = next((c["log"][0] for c in res["cells"] if c.get("log")), "")
+    ov = {c["engine"]: c for c in res["cells"] if "openvino" in c}
+    ov_note = "".join(f" {e}: precision {c['properties']}, weights MB {c['weights_mb']};" for e, c in ov.items())
+    if ov:
+        ov_note = (f" OpenVINO {next(iter(ov.values()))['openvino']}: prefill = TTFT (perf metrics: prefill + the n "
+                   "first tokens sampled), ms/step = median gap between steps after the first decode step; "
+                   f"peak RSS = its process's.{ov_note}")
     note = (f"{T} new tokens per sequence, the prompt shared by the n sequences; best of {args.reps} runs per cell "
             "(prefill and step each their minimum; every run's ms/step in 'reps'). "
             f"Model: `{gguf}` (forklm configs: {res.get('forklm_configs')}). "
@@ -240,8 +304,8 @@ def main() -> None:
             f"Load average (1 min) start {res['load_start']}, end {res['load_end']}; 'other cores' = CPU used by "
             "other processes during the cell (> 0.3: disturbed; each cell first waits up to "
             f"{args.quiet_wait:.0f} s for a quiet second). CPU flags: {', '.join(res['host']['cpu_flags'])}. "
-            f"llama.cpp {build}" + "".join(f"\n\n{x}" for x in res["skipped"]))
-    report.write(out, res, "Peer benchmark: forklm vs llama.cpp", note, COLUMNS, res["cells"])
+            f"llama.cpp {build}{ov_note}" + "".join(f"\n\n{x}" for x in res["skipped"]))
+    report.write(out, res, "Peer benchmark: forklm vs llama.cpp and OpenVINO GenAI", note, COLUMNS, res["cells"])
     plot(res["cells"], out.with_suffix(".png"), f"decode step vs n ({res['host']['cpu']}, {args.threads} threads)")
     print(f"\nwrote {out}.json / .md / .png; load average end {res['load_end']}", flush=True)
 

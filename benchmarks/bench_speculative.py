@@ -100,6 +100,9 @@ def main() -> None:
     ap.add_argument("--prompts", nargs="+", default=list(PROMPTS), choices=list(PROMPTS))
     ap.add_argument("--modes", nargs="+", default=["ngram", "ngram-always", "ngram-sib", "draft-truncated", "draft-self"])
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--dtype", default="float32", help="LLM dtype of every mode: float32 (the default) makes "
+                    "`same` an exactness check; auto is what users get (bfloat16 on some hosts: `same` then "
+                    "also reflects bfloat16 rounding between step shapes)")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--draft-layers", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
@@ -121,9 +124,9 @@ def main() -> None:
         "draft-self": {"method": "draft_model", "num_speculative_tokens": k, "model": default_model_path(),
                        "adaptive": False},
     }
-    llms = {"plain": LLM()}
+    llms = {"plain": LLM(dtype=args.dtype)}
     for mode in args.modes:
-        llms[mode] = LLM(speculative_config=configs[mode])
+        llms[mode] = LLM(dtype=args.dtype, speculative_config=configs[mode])
     ids = {name: llms["plain"].encode_chat([{"role": "user", "content": text}]) for name, text in PROMPTS.items()}
     for llm in llms.values():  # warm: first-call costs and the prompts' K/V in each LLM's prefix cache
         llm.generate(prompt_token_ids=list(ids.values()), sampling_params=SamplingParams(max_tokens=4), use_tqdm=False)
@@ -165,9 +168,10 @@ def main() -> None:
                           f"same {r['same_tokens']}  load {r['load']:.2f}", flush=True)
 
     res = {"host": report.host(), "command": report.command(), "max_tokens": args.max_tokens, "k": k,
+           "dtype": args.dtype, "precision": llms["plain"].precision_summary(),
            "draft_layers": args.draft_layers, "rows": rows}
     note = (f"`LLM.generate` end to end (seconds: median of {args.reps} calls, modes interleaved), "
-            f"max_tokens={args.max_tokens}, k={k}, float32, the prompt's K/V cached in each LLM (warm). "
+            f"max_tokens={args.max_tokens}, k={k}, dtype {args.dtype}, the prompt's K/V cached in each LLM (warm). "
             "speedup = plain seconds / mode seconds in the same cell; acceptance = accepted / drafted tokens; "
             "tokens/draft = 1 + accepted / drafts verified; verify/plain step = the adaptive switch's measured cost "
             "ratio in that LLM after the cell (0: not measured); same = token ids equal to plain decoding's; "
