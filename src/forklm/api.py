@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import apply_weight_updates, load_checkpoint, weight_updates
 from .compile import bucket
-from .host import auto_dtype
+from .host import auto_dtype, release_free_heap
 from .linear_choice import prepare_cpu_linears
 from .quant import QUANTIZATIONS, quantize_linears, quantize_values, unquantizable
 from .engine import Engine, check_context
@@ -146,6 +146,8 @@ class LLM:
         self.draft_model = None
         if speculative is not None and speculative.method == "draft_model":
             self.draft_model = self._load_draft(speculative.model)
+        del ckpt
+        release_free_heap()  # the loader's transient copies
 
     def _load_draft(self, path: str):
         """The draft model, checked to share this model's vocabulary."""

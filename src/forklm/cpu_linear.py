@@ -105,11 +105,11 @@ def pack_linears(model: nn.Module) -> int:
     if not packing_available():
         log.info("oneDNN weight packing is not available in this torch build: linears stay as they are")
         return 0
-    targets = [(name, m) for name, m in model.named_modules() if should_pack(m)]
-    for name, linear in targets:
+    targets = [name for name, m in model.named_modules() if should_pack(m)]  # names: old weights freed one by one
+    for name in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, PackedLinear(linear))
+        setattr(parent, attr, PackedLinear(getattr(parent, attr)))
     if targets:
         log.info("packed %d float32 linears for oneDNN", len(targets))
     return len(targets)
@@ -169,6 +169,7 @@ def pack_fp16(weight: Tensor) -> Tensor:
 #   "fp16":  fbgemm's GEMM on float16 weights, float32 activations (bfloat16 ones converted around it);
 #   "dense": the model's own kernel: oneDNN-packed float32, or `F.linear` in bfloat16.
 KERNELS = {torch.float32: ("fp16", "dense"), torch.bfloat16: ("int8", "fp16", "dense")}
+PACK_BLOCK_ROWS = 4096  # int8 packing works through a weight this many rows at a time (peak memory)
 
 
 def int8_available() -> bool:
@@ -257,17 +258,27 @@ class LowPrecisionLinear(nn.Module):
         """Replace the weight with `weight` [out, in] (packed again for each kernel kept)."""
         assert tuple(weight.shape) == (self.out_features, self.in_features)
         names = {k for _, k in self.kernels}
-        w = held_values(weight, names)  # [out, in] float32, exact in every kernel's format
+        q = s = dense = w = None
+        if "int8" in names:  # row blocks, so that no float32 copy of a large weight (the LM head) is made
+            q = torch.empty((self.out_features, self.in_features), dtype=torch.int8)  # [out, in]
+            s = torch.empty(self.out_features, dtype=self.dtype)  # [out]
+            if "dense" in names:
+                dense = torch.empty((self.out_features, self.in_features), dtype=self.dtype)  # [out, in]
+            for a in range(0, self.out_features, PACK_BLOCK_ROWS):
+                qa, sa = pack_int8(weight[a:a + PACK_BLOCK_ROWS], self.dtype)
+                q[a:a + len(qa)], s[a:a + len(qa)] = qa, sa
+                if dense is not None:
+                    dense[a:a + len(qa)] = (qa.float() * sa.float()[:, None]).to(self.dtype)  # exact: pack_int8
+        if "fp16" in names or ("dense" in names and dense is None):
+            w = held_values(weight, names)  # [out, in] float32, exact in every kernel's format
+            if "dense" in names:
+                dense = (torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) if self.dtype == torch.float32
+                         else w.to(self.dtype).contiguous())
         # packed weights: opaque fbgemm handles / mkldnn tensors, int8 [out, in] + scales [out]; none saved
         # with state_dict
         self.register_buffer("weight_fp16", pack_fp16(w) if "fp16" in names else None, persistent=False)
-        q, s = pack_int8(w, self.dtype) if "int8" in names else (None, None)
         self.register_buffer("weight_int8", q, persistent=False)
         self.register_buffer("int8_scales", s, persistent=False)
-        dense = None
-        if "dense" in names:
-            dense = (torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) if self.dtype == torch.float32
-                     else w.to(self.dtype).contiguous())
         self.register_buffer("weight", dense, persistent=False)
 
     def kernel_for(self, rows: int) -> str:
@@ -318,8 +329,9 @@ def use_low_precision_linears(model: nn.Module, names: set[str], kernels: tuple[
     `LowPrecisionLinear`s running `kernels`, in place; returns how many. A linear whose weight float16
     cannot hold (|w| > 65504) is left as it is when `kernels` name "fp16"."""
     count = 0
-    for name, module in list(model.named_modules()):
-        if name not in names or not is_cpu_linear(module) or module.weight.dtype not in KERNELS:
+    for name in [n for n, _ in model.named_modules() if n in names]:  # names only: each old weight is freed
+        module = model.get_submodule(name)                            # as soon as its module is swapped
+        if not is_cpu_linear(module) or module.weight.dtype not in KERNELS:
             continue
         if dtype is not None and module.weight.dtype != dtype:
             continue

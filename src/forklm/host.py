@@ -8,11 +8,15 @@ torch 2.13 has no public query for these flags, so they are read from the kernel
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import logging
 import platform
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 HALF_DTYPES = ("bfloat16", "float16")
@@ -55,3 +59,15 @@ def auto_dtype(checkpoint_dtype: str | None, device: torch.device) -> tuple[str,
     if flags:
         return "bfloat16", f"this CPU multiplies bfloat16 natively ({', '.join(flags)})"
     return "float32", "this CPU has no native bfloat16 (no AMX or AVX512-BF16)"
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's freed pages back to the OS (glibc's malloc_trim). Loading a checkpoint frees
+    hundreds of MB of transient float32 copies that glibc otherwise keeps in the process (the
+    embedded model: resident 0.99 -> 0.78 GB, measured). A no-op where glibc is absent."""
+    if platform.system() != "Linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError) as e:
+        log.debug("malloc_trim unavailable: %s", e)

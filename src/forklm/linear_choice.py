@@ -181,16 +181,15 @@ def prepare_cpu_linears(model: torch.nn.Module, low_precision: set[str], directo
     where any beats the dense one; every other float32 linear runs oneDNN-packed (cpu_linear.py)."""
     from .cpu_linear import KERNELS, is_cpu_linear, pack_linears, packing_available, use_low_precision_linears
 
-    low = {n: m for n, m in model.named_modules() if n in low_precision and is_cpu_linear(m)
-           and m.weight.dtype in KERNELS}
-    for dtype in {m.weight.dtype for m in low.values()}:
+    shapes: dict[torch.dtype, dict[tuple[int, int], int]] = {}  # no module references kept: see below
+    for name, m in model.named_modules():
+        if name in low_precision and is_cpu_linear(m) and m.weight.dtype in KERNELS:
+            counts = shapes.setdefault(m.weight.dtype, {})
+            counts[(m.out_features, m.in_features)] = counts.get((m.out_features, m.in_features), 0) + 1
+    for dtype, counts in shapes.items():
         if dtype == torch.float32 and not packing_available():
             continue
-        shapes: dict[tuple[int, int], int] = {}
-        for m in low.values():
-            if m.weight.dtype == dtype:
-                shapes[(m.out_features, m.in_features)] = shapes.get((m.out_features, m.in_features), 0) + 1
-        choice = choose_kernels(shapes, dtype, directory)
-        if not choice.only_dense:
-            use_low_precision_linears(model, set(low), choice.kernels, dtype)
+        choice = choose_kernels(counts, dtype, directory)
+        if not choice.only_dense:  # swaps module by module, so old weights go as new ones come (peak memory)
+            use_low_precision_linears(model, low_precision, choice.kernels, dtype)
     pack_linears(model)
