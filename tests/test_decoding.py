@@ -111,16 +111,19 @@ def test_logprobs_match_log_softmax_of_the_model(llm):
 
 
 def test_default_llm_logprobs_are_transformers_within_the_low_precision_bound(llm):
-    """The default (dtype="auto") may hold the file's Q4_1 / Q8_0 values at float16 where this host runs
-    that faster; each weight then moves by <= 2^-11 of itself. Measured: log probs within 2.2e-3 of the
-    exact float32 run on SmolLM2 (AVX2 EPYC); the bound asserted is 1e-2, the greedy text the same."""
+    """The default (dtype="auto") against the exact float32 run. Where it stays float32 (no native
+    bfloat16), the file's Q4_1 / Q8_0 values may be held at float16: each weight moves by <= 2^-11 of
+    itself, log probs measured within 2.2e-3 on SmolLM2 (AVX2 EPYC), bound 1e-2. Where it runs
+    bfloat16 (with int8-held weights), single log probs move more: 0.15 on this prompt, up to ~0.5 on
+    others (AVX512-BF16 EPYC), bound 0.3 here; its fit to text is tested in test_default_model.py."""
     default = LLM(None)
     ids = llm.encode(PROMPT)
     params = SamplingParams(max_tokens=6, temperature=0, logprobs=1, ignore_eos=True)
     exact, auto = (m.generate(prompt_token_ids=[ids], sampling_params=params)[0].outputs[0] for m in (llm, default))
     assert auto.token_ids == exact.token_ids
+    bound = 1e-2 if default.dtype == torch.float32 else 0.3
     for tok, a, e in zip(exact.token_ids, auto.logprobs, exact.logprobs):
-        assert abs(a[tok].logprob - e[tok].logprob) < 1e-2
+        assert abs(a[tok].logprob - e[tok].logprob) < bound
 
 
 def test_best_of_returns_the_most_likely_n(llm):

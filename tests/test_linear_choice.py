@@ -2,17 +2,55 @@
 `prepare_cpu_linears` and `LLM` do with it."""
 
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from torch import nn
 
 from forklm.cpu_linear import LowPrecisionLinear, PackedLinear, fp16_weights_available, kernels_available
+import forklm.linear_choice as linear_choice
+from forklm.host import OthersMeter
 from forklm.linear_choice import MARGIN, PROBE_ROWS, choose_kernels, kernels_from, prepare_cpu_linears
 
 pytestmark = pytest.mark.skipif(not fp16_weights_available(), reason="this torch build has no fbgemm float16 GEMM")
 
 N = len(PROBE_ROWS)
+
+
+@pytest.fixture
+def quiet(monkeypatch):
+    """Cache whatever was measured (a shared CI host may be busy: that is tested on its own below)."""
+    monkeypatch.setattr(linear_choice, "BUSY_CORES", float("inf"))
+
+
+def spinner():
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def test_others_meter_sees_a_busy_neighbour():
+    spin = spinner()
+    try:
+        time.sleep(0.3)  # started
+        meter = OthersMeter().start()
+        time.sleep(1.0)
+        assert meter.cores() > 0.5
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def test_a_probe_taken_while_another_process_is_busy_is_used_but_not_cached(tmp_path):
+    spin = spinner()
+    try:
+        time.sleep(0.3)
+        choice = choose_kernels({(40, 24): 2, (24, 40): 1}, torch.float32, tmp_path)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert choice.kernels and not list(tmp_path.glob("linear-choice-*.json"))
 
 
 def test_each_row_count_takes_its_fastest_kernel_and_neighbours_merge():
@@ -35,7 +73,7 @@ def test_each_row_count_takes_its_fastest_kernel_and_neighbours_merge():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, dtype):
+def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, dtype, quiet):
     shapes = {(48, 32): 3, (32, 96): 2}
     first = choose_kernels(shapes, dtype, tmp_path)
     files = list(tmp_path.glob("linear-choice-*.json"))
@@ -53,14 +91,14 @@ def test_choice_is_measured_once_then_read_from_the_cache(tmp_path, dtype):
     assert json.loads(files[0].read_text())["choice"]["ms"] == {k: list(v) for k, v in remeasured.ms.items()}
 
 
-def test_bfloat16_and_float32_are_measured_apart(tmp_path):
+def test_bfloat16_and_float32_are_measured_apart(tmp_path, quiet):
     a = choose_kernels({(40, 32): 1}, torch.float32, tmp_path)
     b = choose_kernels({(40, 32): 1}, torch.bfloat16, tmp_path)
     assert len(list(tmp_path.glob("linear-choice-*.json"))) == 2
     assert "int8" not in a.ms and ("int8" in b.ms) == ("int8" in kernels_available(torch.bfloat16))
 
 
-def test_prepare_cpu_linears_gives_named_low_precision_linears_the_measured_kernels(tmp_path):
+def test_prepare_cpu_linears_gives_named_low_precision_linears_the_measured_kernels(tmp_path, quiet):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.Linear(32, 8).to(torch.bfloat16),
                           nn.Linear(8, 8).to(torch.bfloat16))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -71,3 +73,32 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError) as e:
         log.debug("malloc_trim unavailable: %s", e)
+
+
+def _busy_seconds() -> tuple[float, float, float] | None:
+    """(CPU seconds every process used, CPU seconds this process used, wall clock), or None where
+    /proc/stat is not there."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]  # cpu user nice system idle iowait ...
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields]
+    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)  # all but idle and iowait
+    own = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system, time.perf_counter()
+
+
+class OthersMeter:
+    """How many cores other processes kept busy between `start()` and `cores()` (0 where unknown):
+    a measurement taken while a neighbour ran is not one to keep."""
+
+    def start(self) -> OthersMeter:
+        self._mark = _busy_seconds()
+        return self
+
+    def cores(self) -> float:
+        now = _busy_seconds()
+        if self._mark is None or now is None:
+            return 0.0
+        (busy0, own0, t0), (busy1, own1, t1) = self._mark, now
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-3)

@@ -25,13 +25,14 @@ from pathlib import Path
 
 import torch
 
-from .host import cpu_model
+from .host import OthersMeter, cpu_model
 
 log = logging.getLogger(__name__)
 
 PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 256)
 PROBE_BYTES = 32 << 20  # float32 weight bytes timed per distinct shape: enough to stream from memory
 MARGIN = 0.05  # another kernel replaces "dense" at a row count only when this much faster (fewer copies kept)
+BUSY_CORES = 0.3  # other processes using more than this many cores during a probe: it is not cached
 CACHE_VERSION = 2
 
 
@@ -87,10 +88,15 @@ def choose_kernels(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype,
         pass
     if names == ("dense",):
         return LinearChoice(((PROBE_ROWS[-1], "dense"),), {}, os.getloadavg()[0])
-    start = time.perf_counter()
+    start, others = time.perf_counter(), OthersMeter().start()
     choice = measure(shapes, dtype, names)
-    log.info("measured this host's %s linear kernels in %.1f s: %s (cached in %s)", key["dtype"],
-             time.perf_counter() - start, choice.kernels, path)
+    busy = others.cores()
+    log.info("measured this host's %s linear kernels in %.1f s: %s", key["dtype"], time.perf_counter() - start,
+             choice.kernels)
+    if busy > BUSY_CORES:
+        log.warning("other processes kept %.1f cores busy while the linear kernels were measured: the choice is "
+                    "used now but not cached, so the next start measures again", busy)
+        return choice
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
