@@ -185,8 +185,8 @@ def kernels_available(dtype: torch.dtype) -> tuple[str, ...]:
 def pack_int8(weight: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
     """(q int8 [out, in], scales [out] in `dtype`) with weight ~= q * scales[:, None]: symmetric, one
     scale per output row, a power of two (at least 2^-24) no smaller than max|row| / 127, so |q| <= 127.
-    Each weight is then within scale / 2 <= max(max|row| / 127, 2^-25) of itself (`int8_error_bound`), and every
-    q * scale is exact in bfloat16 and float16 (at most 8 significant bits, exponent >= -24): the
+    Each weight is then within scale / 2 <= max(max|row| / 127, 2^-25) of itself (`int8_error_bound`),
+    and every q * scale is exact in bfloat16 and float16 (at most 8 significant bits, exponent >= -24): the
     other kernels can hold the very same values."""
     w = weight.detach().to(device="cpu", dtype=torch.float32)
     need = w.abs().amax(dim=1) / 127  # [out]: the smallest scale that keeps |q| <= 127
@@ -249,10 +249,6 @@ class LowPrecisionLinear(nn.Module):
         self._fp16_op = fp16_linear_op() if "fp16" in names else None
         self._packed_op = packed_linear_op() if "dense" in names and self.dtype == torch.float32 else None
         self.repack(linear.weight)
-
-    @property
-    def fp16_max_rows(self) -> int:
-        return max((r for r, k in self.kernels if k == "fp16"), default=0)
 
     def repack(self, weight: Tensor) -> None:
         """Replace the weight with `weight` [out, in] (packed again for each kernel kept)."""

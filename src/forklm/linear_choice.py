@@ -3,13 +3,14 @@
 Hosts differ: on the 2-core AVX2 EPYC, fbgemm's float16-weight GEMM ran SmolLM2's linears faster
 than oneDNN's packed float32 at few rows and slower at many (benchmarks/results/cpu_linear_fp16*);
 on the AVX512-BF16 EPYC, `_weight_int8pack_mm` on int8 weights with bfloat16 activations was the
-fastest at one row and slowest at 64 (benchmarks/results/cpu_linear_kernels_*). So `choose_kernels`
-times every kernel `cpu_linear.kernels_available` offers for the model's dtype on the model's own
-weight shapes at each of `PROBE_ROWS`, and keeps, per row count, the fastest (the model's own
-"dense" kernel unless another beats it by `MARGIN`). The result is cached per (CPU model,
-instruction set, torch, threads, dtype, shapes) in `cache_dir()` and reused by every later process;
-delete the file to measure again.
-"""
+fastest at 1-8 rows and the slowest at 64 (benchmarks/results/linear_choice_avx512bf16.md). So
+`choose_kernels` times every kernel `cpu_linear.kernels_available` offers for the model's dtype on
+the model's own weight shapes at each of `PROBE_ROWS`, and keeps, per row count, the fastest (the
+model's own "dense" kernel unless another beats it by `MARGIN`; a kernel never `MARGIN` ahead of the
+other kept ones is dropped, as each holds its own copy of the weights). The result is cached per (CPU
+model, instruction set, torch, threads, dtype, shapes) in `cache_dir()` and reused by every later
+process, unless other processes kept more than `BUSY_CORES` busy during the probe; delete the file
+to measure again."""
 
 from __future__ import annotations
 

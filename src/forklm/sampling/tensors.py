@@ -240,7 +240,8 @@ class SamplingTensors:
         """The settings of `rows [r]` (int64 indices), in that order. Every tensor field is per row;
         the `use_*` / `max_*` summaries stay those of the whole batch (a processor then may run on rows
         that do not use it, which leaves them unchanged)."""
-        picked = {f.name: getattr(self, f.name)[rows] for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
+        picked = {f.name: getattr(self, f.name)[rows] for f in fields(self)
+                  if isinstance(getattr(self, f.name), Tensor)}
         return replace(self, num_rows=len(rows), **picked)
 
 
