@@ -42,7 +42,8 @@ def test_others_meter_sees_a_busy_neighbour():
         spin.wait()
 
 
-def test_a_probe_taken_while_another_process_is_busy_is_used_but_not_cached(tmp_path):
+def test_a_probe_taken_while_another_process_is_busy_is_used_but_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(linear_choice, "spare_cores", lambda: 0)  # as on a host whose cores the threads fill
     spin = spinner()
     try:
         time.sleep(0.3)
@@ -51,6 +52,17 @@ def test_a_probe_taken_while_another_process_is_busy_is_used_but_not_cached(tmp_
         spin.kill()
         spin.wait()
     assert choice.kernels and not list(tmp_path.glob("linear-choice-*.json"))
+
+
+def test_spare_cores_are_the_cores_left_beside_torchs_threads():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = linear_choice.spare_cores()
+        torch.set_num_threads(2)
+        assert linear_choice.spare_cores() == max(0, one - 1)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_each_row_count_takes_its_fastest_kernel_and_neighbours_merge():

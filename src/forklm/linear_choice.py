@@ -9,8 +9,8 @@ the model's own weight shapes at each of `PROBE_ROWS`, and keeps, per row count,
 model's own "dense" kernel unless another beats it by `MARGIN`; a kernel never `MARGIN` ahead of the
 other kept ones is dropped, as each holds its own copy of the weights). The result is cached per (CPU
 model, instruction set, torch, threads, dtype, shapes) in `cache_dir()` and reused by every later
-process, unless other processes kept more than `BUSY_CORES` busy during the probe; delete the file
-to measure again."""
+process, unless other processes kept busy more cores than the probe's threads left free (plus
+`BUSY_CORES`); delete the file to measure again."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 256)
 PROBE_BYTES = 32 << 20  # float32 weight bytes timed per distinct shape: enough to stream from memory
 MARGIN = 0.05  # another kernel replaces "dense" at a row count only when this much faster (fewer copies kept)
-BUSY_CORES = 0.3  # other processes using more than this many cores during a probe: it is not cached
+BUSY_CORES = 0.3  # other processes using this many more cores than our threads left free: a probe not cached
 CACHE_VERSION = 2
 
 
@@ -94,7 +94,7 @@ def choose_kernels(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype,
     busy = others.cores()
     log.info("measured this host's %s linear kernels in %.1f s: %s", key["dtype"], time.perf_counter() - start,
              choice.kernels)
-    if busy > BUSY_CORES:
+    if busy > spare_cores() + BUSY_CORES:  # they took cores the probe's threads ran on
         log.warning("other processes kept %.1f cores busy while the linear kernels were measured: the choice is "
                     "used now but not cached, so the next start measures again", busy)
         return choice
@@ -106,6 +106,16 @@ def choose_kernels(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype,
     except OSError as e:
         log.warning("could not cache the linear kernel choice in %s (%s); it will be measured again", path, e)
     return choice
+
+
+def spare_cores() -> int:
+    """Cores this process may run on beyond its torch threads: other processes can use these without
+    slowing a measurement."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(0, cores - torch.get_num_threads())
 
 
 def kernels_from(ms: Mapping[str, Sequence[float]]) -> tuple[tuple[int, str], ...]:
