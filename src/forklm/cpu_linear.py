@@ -167,7 +167,9 @@ def pack_fp16(weight: Tensor) -> Tensor:
 #   "int8":  aten._weight_int8pack_mm on int8 weights with one scale per output row (requantized:
 #            see `pack_int8`); bfloat16 activations only (in float32 it was 10x slower, measured);
 #   "fp16":  fbgemm's GEMM on float16 weights, float32 activations (bfloat16 ones converted around it);
-#   "dense": the model's own kernel: oneDNN-packed float32, or `F.linear` in bfloat16.
+#   "dense": the held values in the model's dtype, prepacked for oneDNN (bfloat16 too: 1.1-1.5x
+#            `F.linear` at 1-256 rows on the AVX512-BF16 host, a scratch run); `F.linear` in bfloat16
+#            where this torch cannot pack.
 KERNELS = {torch.float32: ("fp16", "dense"), torch.bfloat16: ("int8", "fp16", "dense")}
 PACK_BLOCK_ROWS = 4096  # int8 packing works through a weight this many rows at a time (peak memory)
 
@@ -247,7 +249,8 @@ class LowPrecisionLinear(nn.Module):
         names = {k for _, k in self.kernels}
         # the custom ops compiled code calls (defined here, outside any trace)
         self._fp16_op = fp16_linear_op() if "fp16" in names else None
-        self._packed_op = packed_linear_op() if "dense" in names and self.dtype == torch.float32 else None
+        self._dense_packed = "dense" in names and packing_available()
+        self._packed_op = packed_linear_op() if self._dense_packed else None
         self.repack(linear.weight)
 
     def repack(self, weight: Tensor) -> None:
@@ -268,8 +271,9 @@ class LowPrecisionLinear(nn.Module):
         if "fp16" in names or ("dense" in names and dense is None):
             w = held_values(weight, names)  # [out, in] float32, exact in every kernel's format
             if "dense" in names:
-                dense = (torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) if self.dtype == torch.float32
-                         else w.to(self.dtype).contiguous())
+                dense = w.to(self.dtype).contiguous()
+        if self._dense_packed:  # the opaque mkldnn layout [out, in]
+            dense = torch.ops.mkldnn._reorder_linear_weight(dense, PACK_ROWS_HINT)
         # packed weights: opaque fbgemm handles / mkldnn tensors, int8 [out, in] + scales [out]; none saved
         # with state_dict
         self.register_buffer("weight_fp16", pack_fp16(w) if "fp16" in names else None, persistent=False)
@@ -293,7 +297,7 @@ class LowPrecisionLinear(nn.Module):
             return y if self.bias is None else y + self.bias
         if kernel == "fp16":
             return _run_fp16(x, self.weight_fp16, self.bias, self.out_features, self._fp16_op if compiling else None)
-        if self.dtype != torch.float32:
+        if not self._dense_packed:
             return nn.functional.linear(x, self.weight, self.bias)
         if compiling:
             return self._packed_op(x, self.weight, self.bias)  # [..., in] -> [..., out]

@@ -34,7 +34,7 @@ PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 256)
 PROBE_BYTES = 32 << 20  # float32 weight bytes timed per distinct shape: enough to stream from memory
 MARGIN = 0.05  # another kernel replaces "dense" at a row count only when this much faster (fewer copies kept)
 BUSY_CORES = 0.3  # other processes using this many more cores than our threads left free: a probe not cached
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -148,15 +148,15 @@ def kernels_from(ms: Mapping[str, Sequence[float]]) -> tuple[tuple[int, str], ..
 
 def _kernel_fns(dtype: torch.dtype, names: Sequence[str]):
     """name -> (pack(weight float32) -> packed, run(x, packed, out_features))."""
-    from .cpu_linear import PACK_ROWS_HINT, _run_fp16, pack_fp16, pack_int8, packed_linear_op
+    from .cpu_linear import PACK_ROWS_HINT, _run_fp16, pack_fp16, pack_int8, packed_linear_op, packing_available
 
     fns = {
         "fp16": (pack_fp16, lambda x, w, out: _run_fp16(x, w, None, out)),
         "int8": (lambda w: pack_int8(w, dtype), lambda x, w, out: torch.ops.aten._weight_int8pack_mm(x, *w)),
     }
-    if dtype == torch.float32:
+    if packing_available():  # what LowPrecisionLinear's "dense" runs
         op = packed_linear_op()
-        fns["dense"] = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT),
+        fns["dense"] = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), PACK_ROWS_HINT),
                         lambda x, w, out: op(x, w, None))
     else:
         fns["dense"] = (lambda w: w.to(dtype), lambda x, w, out: torch.nn.functional.linear(x, w))
