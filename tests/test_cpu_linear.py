@@ -188,6 +188,19 @@ def test_a_rows_result_does_not_depend_on_the_kernel_its_row_count_picks(dtype, 
 
 @needs_fp16
 @needs_int8
+@pytest.mark.parametrize("dtype,kernels", [(torch.bfloat16, ((256, "int8"),)), (torch.bfloat16, FP16),
+                                           (torch.bfloat16, DENSE), (torch.float32, FP16), (torch.float32, DENSE)],
+                         ids=str)
+def test_low_precision_linear_takes_non_contiguous_input(dtype, kernels):
+    torch.manual_seed(0)
+    low = LowPrecisionLinear(nn.Linear(48, 40).to(dtype), kernels)
+    x = torch.randn(48, 6).to(dtype).t()  # [6, 48], column-major
+    with torch.inference_mode():
+        assert torch.equal(low(x), low(x.contiguous()))
+
+
+@needs_fp16
+@needs_int8
 def test_int8_kernel_is_the_dequantized_weights_product():
     """int8 vs F.linear on exactly the weights it holds (q * scale): only summation order differs."""
     torch.manual_seed(1)

@@ -291,7 +291,7 @@ class LowPrecisionLinear(nn.Module):
         kernel = self.kernel_for(x.numel() // self.in_features)
         compiling = torch.compiler.is_compiling()  # custom ops under compile: opaque to inductor
         if kernel == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8,
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight_int8,
                                                    self.int8_scales)  # [rows, in] -> [rows, out]
             y = y.view(*x.shape[:-1], self.out_features)  # [..., out]
             return y if self.bias is None else y + self.bias
