@@ -146,49 +146,37 @@ def kernels_from(ms: Mapping[str, Sequence[float]]) -> tuple[tuple[int, str], ..
     return tuple(out)
 
 
-def _kernel_fns(dtype: torch.dtype, names: Sequence[str]):
-    """name -> (pack(weight float32) -> packed, run(x, packed, out_features))."""
-    from .cpu_linear import PACK_ROWS_HINT, _run_fp16, pack_fp16, pack_int8, packed_linear_op, packing_available
-
-    fns = {
-        "fp16": (pack_fp16, lambda x, w, out: _run_fp16(x, w, None, out)),
-        "int8": (lambda w: pack_int8(w, dtype), lambda x, w, out: torch.ops.aten._weight_int8pack_mm(x, *w)),
-    }
-    if packing_available():  # what LowPrecisionLinear's "dense" runs
-        op = packed_linear_op()
-        fns["dense"] = (lambda w: torch.ops.mkldnn._reorder_linear_weight(w.to(dtype), PACK_ROWS_HINT),
-                        lambda x, w, out: op(x, w, None))
-    else:
-        fns["dense"] = (lambda w: w.to(dtype), lambda x, w, out: torch.nn.functional.linear(x, w))
-    return {k: fns[k] for k in names}
-
-
 @torch.inference_mode()
 def measure(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype, names: Sequence[str],
             reps: int = 5) -> LinearChoice:
     """Time one pass over the model's linears (each distinct shape timed on enough copies to stream
-    from memory, scaled to its count) in every kernel at every row count of PROBE_ROWS."""
-    fns = _kernel_fns(dtype, names)
-    plan = []  # (in features, out features, count scale, {kernel: packed weights})
+    from memory, scaled to its count) in every kernel at every row count of PROBE_ROWS, through
+    `LowPrecisionLinear` itself: what is timed is what runs."""
+    from .cpu_linear import LowPrecisionLinear
+
+    plan = []  # (in features, count scale, {kernel: LowPrecisionLinears running only that kernel})
     for (out, inp), count in shapes.items():
         copies = max(1, min(count, math.ceil(PROBE_BYTES / (4 * out * inp))))
-        dense = [torch.randn(out, inp) * 0.02 for _ in range(copies)]
-        plan.append((inp, out, count / copies, {k: [pack(w) for w in dense] for k, (pack, _) in fns.items()}))
+        dense = [torch.nn.Linear(inp, out, bias=False, dtype=dtype) for _ in range(copies)]
+        for lin in dense:
+            torch.nn.init.normal_(lin.weight, std=0.02)
+        plan.append((inp, count / copies, {k: [LowPrecisionLinear(lin, ((PROBE_ROWS[-1], k),)) for lin in dense]
+                                           for k in names}))
         del dense
-    ms: dict[str, list[float]] = {k: [] for k in fns}
+    ms: dict[str, list[float]] = {k: [] for k in names}
     for rows in PROBE_ROWS:
         xs = {inp: torch.randn(rows, inp).to(dtype) for inp, *_ in plan}
-        best = {k: [math.inf] * len(plan) for k in fns}
+        best = {k: [math.inf] * len(plan) for k in names}
         for rep in range(reps + 1):  # the kernels alternate, so a busy moment slows all; rep 0 warms up
-            for j, (inp, out, _, packed) in enumerate(plan):
-                for k, (_, run) in fns.items():
+            for j, (inp, _, linears) in enumerate(plan):
+                for k in names:
                     t0 = time.perf_counter()
-                    for w in packed[k]:
-                        run(xs[inp], w, out)
+                    for lin in linears[k]:
+                        lin(xs[inp])
                     if rep:
                         best[k][j] = min(best[k][j], time.perf_counter() - t0)
-        for k in fns:
-            ms[k].append(1e3 * sum(p[2] * t for p, t in zip(plan, best[k])))
+        for k in names:
+            ms[k].append(1e3 * sum(p[1] * t for p, t in zip(plan, best[k])))
     return LinearChoice(kernels_from(ms), {k: tuple(v) for k, v in ms.items()}, os.getloadavg()[0])
 
 
