@@ -13,9 +13,14 @@ each in a fresh `LLM` of the same model, in one process:
 
 Reported per mode: decode ms per step (median of the steps with no prefill in them), the whole
 run's wall time and generated tokens/s, TTFT (mean / max over requests), and the peak K/V in use.
+With --profile K, the first K decode-only steps of each mode (K tokens more per sample, so the
+timed steps are as many as without it; left out of every timing) run under torch.profiler and their self CPU time is split into the parts below: what
+sharing can shrink (attention kernels, K/V copies) and what it cannot (linears, sampling, the rest
+of the step, the same work on the same rows in every mode).
 
     python benchmarks/bench_prefix.py                      # 4 x 8 x (1024 + 64), n=4, T=32, embedded model
     python benchmarks/bench_prefix.py --groups 2 --prompts 2 --system 256 --question 16 --out-suffix _small
+    python benchmarks/bench_prefix.py --dtype auto --modes shared,no-sharing --profile 4 --out-suffix _profiled
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from pathlib import Path
 import report
 import torch
 
+from torch.profiler import ProfilerActivity, profile
+
 from forklm import LLM, SamplingParams
 from forklm.engine.scheduler import DECODE
 from forklm.kv import CacheShape
@@ -40,6 +47,25 @@ MODES = {
     "no-sharing": {"enable_prefix_caching": False},
     "replicated": {"kv_layout": "replicated"},
 }
+# --profile: operator name fragments -> part of the decode step (first match wins; anything else is "rest")
+PARTS = {
+    "linears": ("linear_pointwise", "int8pack_mm", "fp16_linear", "fbgemm", "aten::linear", "aten::addmm", "aten::mm"),
+    "attention": ("flash_attention", "scaled_dot_product", "aten::bmm", "aten::matmul", "logsumexp"),
+    "copies": ("aten::copy_", "aten::index_copy_", "aten::cat"),
+    "sampling": ("rshift", "bitwise", "aten::log_", "aten::exp_", "argmax", "topk", "sort", "softmax"),
+}
+
+
+def profiled_parts(engine, steps: int) -> dict:
+    """ms per decode step by part, from `steps` profiled engine steps (self CPU time)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+    parts = dict.fromkeys((*PARTS, "rest"), 0.0)
+    for e in prof.key_averages():
+        part = next((p for p, keys in PARTS.items() if any(k in e.key for k in keys)), "rest")
+        parts[part] += e.self_cpu_time_total / 1e3 / steps
+    return parts
 
 
 def workload(vocab: int, groups: int, prompts: int, system: int, question: int, seed: int) -> list[list[int]]:
@@ -48,19 +74,26 @@ def workload(vocab: int, groups: int, prompts: int, system: int, question: int, 
     return [sys_ + ids(question) for sys_ in (ids(system) for _ in range(groups)) for _ in range(prompts)]
 
 
-def run_mode(model, dtype: str, mode: str, prompts: list[list[int]], n: int, T: int) -> dict:
+def run_mode(model, dtype: str, mode: str, prompts: list[list[int]], n: int, T: int, profile_steps: int = 0) -> dict:
     llm = LLM(model, dtype=dtype, **MODES[mode])
-    shape = CacheShape(len(prompts), len(prompts) * n, n, max(map(len, prompts)), T)
+    shape = CacheShape(len(prompts), len(prompts) * n, n, max(map(len, prompts)), T + profile_steps)
     engine = llm.engine(shape)
     token_bytes = engine.storage.token_bytes
     load = os.getloadavg()[0]
     t_start = time.perf_counter()
     for i, p in enumerate(prompts):
-        engine.add_request(str(i), p, SamplingParams(n=n, max_tokens=T, temperature=1.0, seed=i, ignore_eos=True))
-    decode_steps, peak = [], 0
+        # K more tokens than timed: the K profiled steps are not counted
+        engine.add_request(str(i), p, SamplingParams(n=n, max_tokens=T + profile_steps, temperature=1.0, seed=i,
+                                                     ignore_eos=True))
+    decode_steps, peak, parts = [], 0, None
     while engine.has_unfinished():
         sch = engine.scheduler
         decode_only = not sch.waiting and all(r.state == DECODE for r in sch.running.values())
+        if decode_only and profile_steps and parts is None:  # the first K decode-only steps, left out of the timings
+            wall = time.perf_counter() - t_start
+            parts = profiled_parts(engine, profile_steps)
+            t_start = time.perf_counter() - wall
+            continue
         t0 = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t0
@@ -71,7 +104,7 @@ def run_mode(model, dtype: str, mode: str, prompts: list[list[int]], n: int, T: 
     wall = time.perf_counter() - t_start
     outs = [engine.pop_output(str(i)) for i in range(len(prompts))]
     ttft = [o.metrics["ttft_s"] for o in outs]
-    generated = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    generated = sum(min(len(c.token_ids), T) for o in outs for c in o.outputs)
     del engine, llm
     return {
         "mode": mode,
@@ -85,6 +118,7 @@ def run_mode(model, dtype: str, mode: str, prompts: list[list[int]], n: int, T: 
         "cached_tokens": sum(o.num_cached_tokens for o in outs),
         "load_before": load,
         "load_after": os.getloadavg()[0],
+        **({f"profiled_{k}_ms": v for k, v in parts.items()} if parts else {}),
     }
 
 
@@ -100,13 +134,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--out-suffix", default="")
+    ap.add_argument("--profile", type=int, default=0, metavar="K", help="profile K decode steps per mode (see above)")
     args = ap.parse_args()
     torch.manual_seed(0)
     vocab = LLM(args.model, dtype=args.dtype).config.vocab_size
     prompts = workload(vocab, args.groups, args.prompts, args.system, args.question, seed=0)
     rows = []
     for mode in args.modes.split(","):
-        rows.append(run_mode(args.model, args.dtype, mode, prompts, args.n, args.max_tokens))
+        rows.append(run_mode(args.model, args.dtype, mode, prompts, args.n, args.max_tokens, args.profile))
         r = rows[-1]
         print(f"{mode:>11}: decode {r['decode_ms']:.1f} ms/step, wall {r['wall_s']:.1f} s, "
               f"TTFT mean {r['ttft_mean_s']:.2f} s, KV peak {r['kv_peak_mib']:.0f} MiB (load {r['load_before']:.2f})")
@@ -128,6 +163,8 @@ def main() -> None:
                ("TTFT mean s", "ttft_mean_s", "{:.2f}"), ("TTFT max s", "ttft_max_s", "{:.2f}"),
                ("KV peak MiB", "kv_peak_mib", "{:.0f}"), ("cached prompt tokens", "cached_tokens", "{}"),
                ("load before/after", "load_before", "{:.2f}")]
+    if args.profile:
+        columns += [(f"profiled {p} ms", f"profiled_{p}_ms", "{:.1f}") for p in (*PARTS, "rest")]
     report.write(RESULTS / name, res, "Shared-prefix workload", note, columns, rows)
     _plot(RESULTS / f"{name}.png", rows)
     print((RESULTS / f"{name}.md").read_text())

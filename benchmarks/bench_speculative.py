@@ -145,17 +145,18 @@ def main() -> None:
                         outs[mode] = llm.generate(prompt_token_ids=[ids[prompt]], sampling_params=params,
                                                   use_tqdm=False)[0]
                         times[mode].append(time.perf_counter() - t0)
-                plain_s = statistics.median(times["plain"])
                 ref = [c.token_ids for c in outs["plain"].outputs]
-                tokens = sum(map(len, ref))
+                plain_rate = sum(map(len, ref)) / statistics.median(times["plain"])
                 for mode in llms:
                     m = outs[mode].metrics
                     s = statistics.median(times[mode])
+                    # a mode's own tokens: where its text differs from plain's (bfloat16 rounding), so can its length
+                    tokens = sum(len(c.token_ids) for c in outs[mode].outputs)
                     drafted, accepted, drafts = (m.get(x, 0) for x in
                                                  ("num_draft_tokens", "num_accepted_tokens", "num_drafts"))
                     rows.append(dict(
                         prompt=prompt, temperature=temp, n=n, mode=mode, seconds=s, tokens=tokens,
-                        tokens_per_s=tokens / s, speedup=plain_s / s,
+                        tokens_per_s=tokens / s, speedup=tokens / s / plain_rate,
                         same_tokens=[c.token_ids for c in outs[mode].outputs] == ref,
                         drafted=drafted, accepted=accepted, acceptance=accepted / drafted if drafted else 0.0,
                         tokens_per_draft=1 + accepted / drafts if drafts else 1.0,
@@ -172,13 +173,15 @@ def main() -> None:
            "draft_layers": args.draft_layers, "rows": rows}
     note = (f"`LLM.generate` end to end (seconds: median of {args.reps} calls, modes interleaved), "
             f"max_tokens={args.max_tokens}, k={k}, dtype {args.dtype}, the prompt's K/V cached in each LLM (warm). "
-            "speedup = plain seconds / mode seconds in the same cell; acceptance = accepted / drafted tokens; "
+            "speedup = mode tokens/s / plain tokens/s in the same cell, each counting its own tokens (= the ratio of "
+            "seconds where the texts are equal; where bfloat16 rounding makes them differ, so can their lengths); "
+            "acceptance = accepted / drafted tokens; "
             "tokens/draft = 1 + accepted / drafts verified; verify/plain step = the adaptive switch's measured cost "
             "ratio in that LLM after the cell (0: not measured); same = token ids equal to plain decoding's; "
             "load = the highest 1-minute load average seen during the cell. draft-truncated is the embedded model's "
             f"first {args.draft_layers} layers (not a real draft); draft-self is the target as its own draft.")
     cols = [("prompt", "prompt", "{}"), ("T", "temperature", "{}"), ("n", "n", "{}"), ("mode", "mode", "{}"),
-            ("s", "seconds", "{:.2f}"), ("tok/s", "tokens_per_s", "{:.1f}"), ("speedup", "speedup", "{:.2f}"),
+            ("s", "seconds", "{:.2f}"), ("tokens", "tokens", "{}"), ("tok/s", "tokens_per_s", "{:.1f}"), ("speedup", "speedup", "{:.2f}"),
             ("acceptance", "acceptance", "{:.2f}"), ("tokens/draft", "tokens_per_draft", "{:.2f}"),
             ("verify steps", "verify_steps", "{}"), ("verify/plain step", "cost_ratio", "{:.2f}"),
             ("same", "same_tokens", "{}"), ("load", "load", "{:.2f}")]

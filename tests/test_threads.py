@@ -6,7 +6,7 @@ import torch
 
 from forklm import LLM, SamplingParams
 from forklm.engine import threads as threads_mod
-from forklm.engine.threads import FIRST_PROBE, MARGIN, PROBE_EVERY, ThreadGovernor
+from forklm.engine.threads import FIRST_PROBE, MARGIN, PROBE_EVERY, RETRIES, ThreadGovernor
 
 DECODE = (4, 0)
 
@@ -45,9 +45,26 @@ def test_it_stays_within_its_margin_and_compares_like_with_like():
         _run(gov, DECODE, {2: 0.1, 1: 0.1}.get)
     assert gov.begin_step() == 1
     gov.end_step((0, 500), 0.01)
-    assert gov.current == 2 and gov.begin_step() == 1
+    assert gov.current == 2 and gov.begin_step() == 2  # one step at the current count first
+    gov.end_step(DECODE, 0.1)
+    assert gov.begin_step() == 1  # then the probe again
     gov.end_step(DECODE, 0.01)
     assert gov.current == 1
+
+
+def test_a_new_kind_of_step_is_not_probed_at_every_step():
+    """A call whose steps are of a kind never seen at the current count (a warm-up of another
+    batch size left a probe due) once ran every step as a probe, at one thread: 1.45x slower."""
+    gov = ThreadGovernor(2, enabled=True)
+    for _ in range(FIRST_PROBE):  # a short warm-up call: n=1 steps; a probe is now due
+        _run(gov, (1, 0), {2: 0.03, 1: 0.04}.get)
+    counts = [_run(gov, DECODE, {2: 0.05, 1: 0.06}.get) for _ in range(96)]
+    # a miss, one step at 2 threads (its reference), the probe compared; then one probe per interval
+    assert [i for i, c in enumerate(counts) if c == 1] == [0, 2, 3 + PROBE_EVERY, 4 + 2 * PROBE_EVERY]
+    assert gov.current == 2
+    churn = ThreadGovernor(2, enabled=True)  # every step of a kind of its own: at most RETRIES probes an interval
+    counts = [_run(churn, (i, 0), {2: 0.05, 1: 0.06}.get) for i in range(3 * PROBE_EVERY)]
+    assert counts.count(1) <= RETRIES * (len(counts) // PROBE_EVERY + 1) and churn.current == 2
 
 
 def test_disabled_or_single_thread_never_probes():

@@ -10,7 +10,12 @@ depends on the host, the load and the step, so `ThreadGovernor` measures it:
   the maximum, in turn) and compares it with the last step of the same kind at the current count
   (the same decode rows and prefill tokens: nearly the same work, a step apart);
 - it moves to the probed count when that step was faster by MARGIN;
-- a step slower than SLOW x its kind's average (a neighbour arrived) brings the next probe forward.
+- a step slower than SLOW x its kind's average (a neighbour arrived) brings the next probe forward;
+- a probe with nothing to compare with (no step of its kind at the current count yet) decides
+  nothing: one step at the current count follows (it records its kind), then the probe again; after
+  RETRIES such misses in a row it waits the full interval. (Retrying on the very next step, as it
+  once did, probed every step of a call whose kind was new: a whole n=4 call ran at one thread,
+  1.45x slower on a quiet host.)
 
 The maximum is torch's thread count when the engine is built; the governor never goes above it.
 """
@@ -25,6 +30,7 @@ PROBE_EVERY = 32
 FIRST_PROBE = 4  # steps before the first probe: a neighbour already there slows every step alike
 MARGIN = 0.1
 SLOW = 2.0
+RETRIES = 2
 _EMA = 0.3
 
 StepKind = tuple[int, int]  # (decode tokens, prefill tokens) of a step
@@ -40,6 +46,8 @@ class ThreadGovernor:
         self._since_probe = 0
         self._probe_due = False
         self._probing: int | None = None
+        self._retry = False  # a probe missed: probe again after the next step at the current count
+        self._misses = 0  # probes in a row that found nothing to compare with
         self._down_next = True  # the direction of the next probe
         self._last: dict[StepKind, float] = {}  # kind -> seconds of its last step at `current`
         self._avg: dict[StepKind, float] = {}  # kind -> average seconds at `current`
@@ -60,14 +68,18 @@ class ThreadGovernor:
             self._avg[kind] = seconds if avg is None else (1 - _EMA) * avg + _EMA * seconds
             self._since_probe += 1
             due = FIRST_PROBE if self.probes == 0 else PROBE_EVERY
-            if self._since_probe >= due or (avg is not None and seconds > SLOW * avg):
-                self._probe_due = True
+            if self._retry or self._since_probe >= due or (avg is not None and seconds > SLOW * avg):
+                self._probe_due, self._retry = True, False
             return
         probed, self._probing = self._probing, None
-        ref = self._last.get(kind)
-        if ref is None:  # nothing comparable at the current count yet: probe again on a later step
-            return
         self._probe_due, self._since_probe = False, 0
+        ref = self._last.get(kind)
+        if ref is None:  # nothing comparable at the current count: see the module docstring
+            self._misses += 1
+            self._retry = self._misses < RETRIES
+            self._misses = self._misses if self._retry else 0
+            return
+        self._misses = 0
         self._down_next = not self._down_next
         if seconds < (1 - MARGIN) * ref:
             log.info("CPU threads %d -> %d (a step took %.1f ms instead of %.1f)", self.current, probed,
