@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from forklm.cpu_linear import (LowPrecisionLinear, PackedLinear, describe_kernels, fp16_weights_available,
-                               held_values, int8_available, int8_error_bound, pack_int8, pack_linears, packing_available,
+                               held_values, int4_available, int4_grid_bound, int8_available, int8_error_bound,
+                               kernels_available, on_int4_grid, pack_int4, pack_int8, pack_linears, packing_available,
                                use_low_precision_linears)
+from forklm.quant import quantize_values
 from forklm.attention.cascade import CausalAttention
 from forklm.checkpoint import load_checkpoint
 
@@ -253,3 +255,95 @@ def test_describe_kernels_reads_as_a_sentence():
     assert describe_kernels(((256, "dense"),)) == "dense at every row count"
     assert (describe_kernels(((1, "int8"), (8, "fp16"), (256, "dense")))
             == "int8 weights up to 1 rows, float16 weights up to 8, dense above")
+
+
+# ---- int4: weights on a 4-bit grid (a GGUF file's Q4_1 blocks, quantization="int4") ----------------------
+needs_int4 = pytest.mark.skipif(not int4_available(), reason="this torch build has no int4 CPU kernel")
+INT4_DENSE = ((4, "int4"), (256, "dense"))
+
+
+def q4_linear(in_f, out_f, bias, dtype, seed):
+    """A linear whose weight is gguf's Q4_1 rounding of a random one (rows of different scales), held in dtype."""
+    torch.manual_seed(seed)
+    lin = nn.Linear(in_f, out_f, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(torch.logspace(-2, 1, out_f)[:, None])
+        lin.weight.copy_(quantize_values(lin.weight, "int4"))
+    return lin.to(dtype)
+
+
+@needs_int4
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q4_1_weights_are_found_on_their_grid_and_others_are_not(dtype):
+    """gguf's Q4_1 values (also rounded to bfloat16) pass `on_int4_grid`; Q8_0 values, plain random ones and
+    shapes the kernel cannot pack do not; the grid found again is within its bound of each weight."""
+    lin = q4_linear(96, 48, False, dtype, 0)
+    assert on_int4_grid(lin.weight)
+    _, _, held = pack_int4(lin.weight, torch.bfloat16)
+    # the kernel's values: the grid (within the bound) with its scale and zero rounded to bfloat16
+    w = lin.weight.float()
+    bound = int4_grid_bound(lin.weight).repeat_interleave(32, dim=1)  # [out, in]
+    step = (w.reshape(48, 3, 32).amax(-1) - w.reshape(48, 3, 32).amin(-1)) / 15
+    rounding = 2.0 ** -8 * (8 * step + w.reshape(48, 3, 32).abs().amax(-1)).repeat_interleave(32, dim=1)
+    assert ((held - w).abs() <= bound + rounding).all()
+    torch.manual_seed(1)
+    q8 = quantize_values(torch.randn(48, 96), "int8").to(dtype)
+    assert not on_int4_grid(q8) and not on_int4_grid(torch.randn(48, 96).to(dtype))
+    assert not on_int4_grid(quantize_values(torch.randn(40, 96), "int4"))  # out_features not a multiple of 16
+    assert kernels_available(torch.bfloat16, int4_grid=True) == ("int4", "dense")
+    assert "int4" not in kernels_available(torch.bfloat16) + kernels_available(torch.float32, int4_grid=True)
+
+
+@needs_int4
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("in_f,out_f", [(32, 16), (576, 192), (96, 3008)])
+@pytest.mark.parametrize("rows", [(1,), (3,), (4,), (17,), (1, 64)])
+def test_int4_kernel_is_the_product_of_the_values_it_holds(bias, in_f, out_f, rows):
+    """int4 (up to 4 rows) and dense (above) against a float32 product of what each holds: int4 its
+    grid values, dense those rounded to bfloat16; the output rounds to bfloat16 after float32 sums."""
+    lin = q4_linear(in_f, out_f, bias, torch.bfloat16, in_f + out_f)
+    low = LowPrecisionLinear(lin, INT4_DENSE)
+    x = torch.randn(*rows, in_f).to(torch.bfloat16)
+    kernel = low.kernel_for(x.numel() // in_f)
+    held = held_values(lin.weight, {"int4", "dense"})
+    if kernel == "dense":
+        held = held.bfloat16().float()
+    b = None if lin.bias is None else lin.bias.float()
+    with torch.inference_mode():
+        ours = low(x)
+    ref = nn.functional.linear(x.float(), held, b)
+    assert ours.shape == (*rows, out_f) and ours.dtype == torch.bfloat16
+    assert ((ours.float() - ref).abs() <= summation_slack(torch.bfloat16, x, held, ref)).all(), kernel
+    assert low.weight_int4 is not None and low.weight_int8 is None and low.weight_fp16 is None
+
+
+@needs_int4
+def test_an_int4_rows_result_moves_only_by_the_dense_kernels_rounding_inside_a_batch():
+    """A row alone (int4) and inside 64 rows (dense, holding int4's values rounded to bfloat16): apart by at
+    most that rounding (2^-9 of each weight) plus summation order."""
+    lin = q4_linear(576, 320, True, torch.bfloat16, 3)
+    low = LowPrecisionLinear(lin, INT4_DENSE)
+    x = torch.randn(64, 576).to(torch.bfloat16)
+    with torch.inference_mode():
+        alone = torch.cat([low(x[i:i + 1]) for i in range(64)])  # [64, out]
+        together = low(x)
+    assert low.kernel_for(1) == "int4" and low.kernel_for(64) == "dense"
+    held = held_values(lin.weight, {"int4", "dense"})
+    ref = nn.functional.linear(x.float(), held, lin.bias.float())
+    rounding = 2.0 ** -9 * (x.float().abs() @ held.abs().t())
+    assert ((alone.float() - together.float()).abs() <= summation_slack(torch.bfloat16, x, held, ref) + rounding).all()
+
+
+@needs_int4
+def test_int4_linear_compiles_and_takes_non_contiguous_input():
+    lin = q4_linear(64, 48, True, torch.bfloat16, 5)
+    low = LowPrecisionLinear(lin, INT4_DENSE)
+    fn = torch.compile(lambda x: torch.relu(low(x)), fullgraph=True, dynamic=False)
+    for rows in (1, 3, 9):
+        x = torch.randn(rows, 64).to(torch.bfloat16)
+        with torch.inference_mode():
+            ours, ref = fn(x), torch.relu(low(x))
+        assert ((ours.float() - ref.float()).abs() <= 2.0 ** -7 * (ref.float().abs() + 1)).all(), rows
+    x = torch.randn(64, 3).to(torch.bfloat16).t()  # [3, 64], column-major
+    with torch.inference_mode():
+        assert torch.equal(low(x), low(x.contiguous()))

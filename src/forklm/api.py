@@ -181,9 +181,13 @@ class LLM:
         line = f"dtype {dtype} ({'auto: ' if self._low_precision_kernels else ''}{self.dtype_reason})"
         if self.quantization:
             line += f"; quantization {self.quantization}"
-        low = [m for m in self.model.modules() if isinstance(m, LowPrecisionLinear)]
-        if low:
-            line += f"; {len(low)} low-precision linears run {low[0].describe()} (measured fastest on this CPU)"
+        menus: dict[str, int] = {}  # kernels described -> linears running them
+        for m in self.model.modules():
+            if isinstance(m, LowPrecisionLinear):
+                menus[m.describe()] = menus.get(m.describe(), 0) + 1
+        if menus:
+            line += "; " + ", ".join(f"{n} low-precision linear{'s' * (n > 1)} run {d}" for d, n in menus.items())
+            line += " (measured fastest on this CPU)"
         return line
 
     def _prepare_linears(self, model, low_precision: frozenset[str]) -> None:

@@ -164,6 +164,11 @@ def pack_fp16(weight: Tensor) -> Tensor:
 
 
 # The kernels a low-precision linear can run, by activation dtype (what `linear_choice` measures):
+#   "int4":  aten._weight_int4pack_mm_for_cpu on 4-bit codes in groups of 32 along the input, a scale and
+#            a zero per group (`pack_int4`); offered only for weights already on such a grid (a GGUF
+#            file's Q4_1 blocks, quantization="int4": `on_int4_grid`), bfloat16 activations only. It reads
+#            half int8's bytes: one pass over SmolLM2's linears at one row took 5.3 ms against int8's 10.3
+#            (weights streamed from memory; benchmarks/results/linear_choice_avx512bf16_int4.md);
 #   "int8":  aten._weight_int8pack_mm on int8 weights with one scale per output row (requantized:
 #            see `pack_int8`); bfloat16 activations only (in float32 it was 10x slower, measured);
 #   "fp16":  fbgemm's GEMM on float16 weights, float32 activations (bfloat16 ones converted around it);
@@ -171,17 +176,96 @@ def pack_fp16(weight: Tensor) -> Tensor:
 #            `F.linear` at 1-256 rows on the AVX512-BF16 host, a scratch run); `F.linear` in bfloat16
 #            where this torch cannot pack.
 KERNELS = {torch.float32: ("fp16", "dense"), torch.bfloat16: ("int8", "fp16", "dense")}
+# a weight on a 4-bit grid (`on_int4_grid`) is offered these instead: int4 holds it as it is, int8 would
+# round it again (and one linear's kernels must hold the same values, see `held_values`)
+INT4_KERNELS = {torch.bfloat16: ("int4", "dense")}
 PACK_BLOCK_ROWS = 4096  # int8 packing works through a weight this many rows at a time (peak memory)
+INT4_GROUP = 32  # the int4 kernel's group along the input dimension: GGUF's block size
+_INT4_OUT_MULTIPLE = 16  # the int4 packing wants out_features divisible by this
+# on_int4_grid's slack, of a group's largest |w|: a 4-bit grid's values held in bfloat16 are each within
+# 2^-9 of themselves, and so are the minimum and maximum the grid is found again from; a weight with more
+# levels (e.g. Q8_0's 255) is up to its range / 30 away from the nearest 4-bit grid
+_INT4_GRID_TOL = 2.0 ** -7
 
 
 def int8_available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
 
-def kernels_available(dtype: torch.dtype) -> tuple[str, ...]:
-    ok = {"int8": int8_available(), "fp16": fp16_weights_available(), "dense": dtype != torch.float32 or
-          packing_available()}
-    return tuple(k for k in KERNELS.get(dtype, ("dense",)) if ok[k])
+def int4_available() -> bool:
+    return (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
+
+
+def kernels_available(dtype: torch.dtype, int4_grid: bool = False) -> tuple[str, ...]:
+    """The kernels offered for a low-precision linear of `dtype` (whose weight is on a 4-bit grid)."""
+    ok = {"int4": int4_available(), "int8": int8_available(), "fp16": fp16_weights_available(),
+          "dense": dtype != torch.float32 or packing_available()}
+    menu = INT4_KERNELS.get(dtype) if int4_grid and dtype in INT4_KERNELS else KERNELS.get(dtype, ("dense",))
+    return tuple(k for k in menu if ok[k])
+
+
+def _grid(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """w [out, in / 32, 32] float32 -> (q float32 in 0..15 [out, in / 32, 32], step, low [out, in / 32])."""
+    low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, in / 32]
+    step = (high - low) / 15
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    q = (w - low[..., None]).div_(safe[..., None]).round_().clamp_(0, 15)  # a flat group: all 0
+    return q, step, low
+
+
+def _groups(weight: Tensor) -> Tensor:
+    """weight [out, in] -> float32 [out, in / 32, 32]."""
+    out_f, in_f = weight.shape
+    return weight.detach().to(device="cpu", dtype=torch.float32).reshape(out_f, in_f // INT4_GROUP, INT4_GROUP)
+
+
+def int4_grid(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """weight [out, in] (in % 32 == 0) on the nearest grid of GGUF Q4_1's form: per group of 32 inputs,
+    w ~= low + q * step with q in 0..15, low the group's minimum and step its range / 15. Returns
+    (q int32 [out, in], step [out, in / 32], low [out, in / 32]) in float32. A Q4_1 block (where gguf's
+    quantizer puts the minimum at q = 0 and the maximum at q = 15) is found again exactly, up to float32
+    rounding of the step (and the rounding of the weight's own dtype)."""
+    q, step, low = _grid(_groups(weight))
+    return q.to(torch.int32).reshape(weight.shape), step, low
+
+
+def on_int4_grid(weight: Tensor) -> bool:
+    """Whether every group of 32 inputs of `weight` [out, in] holds 16 or fewer evenly spaced values from
+    its minimum to its maximum (a 4-bit grid, such as a GGUF file's Q4_1 blocks), up to the rounding of
+    the weight's dtype (`int4_grid_bound`), so that the int4 kernel holds it without a coarser rounding;
+    and the shape suits that kernel."""
+    out_f, in_f = weight.shape
+    if in_f % INT4_GROUP or out_f % _INT4_OUT_MULTIPLE or not int4_available():
+        return False
+    for a in range(0, out_f, PACK_BLOCK_ROWS):  # row blocks: a few float32 temporaries of a block, not of all
+        w = _groups(weight[a:a + PACK_BLOCK_ROWS])
+        q, step, low = _grid(w)
+        bound = _INT4_GRID_TOL * torch.maximum(low.abs(), (low + 15 * step).abs())  # [rows, in / 32]: max |w|
+        if not (q.mul_(step[..., None]).add_(low[..., None]).sub_(w).abs_() <= bound[..., None]).all():
+            return False
+    return True
+
+
+def int4_grid_bound(weight: Tensor) -> Tensor:
+    """[out, in / 32]: how far from its 4-bit grid `on_int4_grid` lets a group's weights be."""
+    return _INT4_GRID_TOL * _groups(weight).abs().amax(dim=-1)
+
+
+def pack_int4(weight: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor, Tensor]:
+    """(packed codes, scales_and_zeros [in / 32, out, 2] in `dtype`, held values [out, in] float32) for
+    `aten._weight_int4pack_mm_for_cpu`, which computes each weight as (q - 8) * scale + zero with its
+    group's scale and zero in the activations' dtype: scale = step, zero = low + 8 * step (`int4_grid`),
+    each rounded to `dtype`. The held values are what the kernel multiplies by; for a weight on a 4-bit
+    grid they are within one `dtype` rounding of the scale and zero of it (bfloat16: 2^-9 of each)."""
+    q, step, low = int4_grid(weight)
+    scale, zero = step.to(dtype), (low + 8 * step).to(dtype)  # [out, in / 32] each
+    out_f, in_f = q.shape
+    held = ((q.float().reshape(out_f, in_f // INT4_GROUP, INT4_GROUP) - 8) * scale.float()[..., None]
+            + zero.float()[..., None]).reshape(out_f, in_f)  # [out, in]
+    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [in / 32, out, 2]
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # opaque [out, in / 2] uint8
+    return packed, scales_zeros, held
 
 
 def pack_int8(weight: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
@@ -208,8 +292,12 @@ def held_values(weight: Tensor, kernels: set[str]) -> Tensor:
     """The float32 values [out, in] a low-precision linear running `kernels` holds, the same for every
     kernel so that the kernel a call's row count picks changes only the order of the sums, never the
     weights: int8's q * scale where int8 is one of them, else float16's rounding where float16 is,
-    else the weight itself."""
+    else the weight itself. With int4 the other kernel ("dense") holds int4's values rounded to the
+    model's dtype (`LowPrecisionLinear.repack`): there the kernels differ by that rounding too (bfloat16:
+    2^-9 of each weight), since int4's values, (q - 8) * scale + zero in float32, need more bits."""
     w = weight.detach().to(device="cpu", dtype=torch.float32)
+    if "int4" in kernels:
+        return pack_int4(w)[2]
     if "int8" in kernels:
         q, s = pack_int8(w, torch.float32)
         return q.float() * s[:, None]
@@ -242,7 +330,9 @@ class LowPrecisionLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.dtype = linear.weight.dtype
-        assert kernels and all(k in KERNELS[self.dtype] for _, k in kernels), kernels
+        offered = KERNELS[self.dtype] + INT4_KERNELS.get(self.dtype, ())
+        assert kernels and all(k in offered for _, k in kernels), kernels
+        assert not {"int4", "int8"} <= {k for _, k in kernels}, kernels  # they would hold different values
         self.kernels = tuple(kernels)
         bias = None if linear.bias is None else linear.bias.detach().to(self.dtype).clone()
         self.register_buffer("bias", bias, persistent=False)
@@ -257,7 +347,12 @@ class LowPrecisionLinear(nn.Module):
         """Replace the weight with `weight` [out, in] (packed again for each kernel kept)."""
         assert tuple(weight.shape) == (self.out_features, self.in_features)
         names = {k for _, k in self.kernels}
-        q = s = dense = w = None
+        q = s = dense = w = packed4 = sz4 = None
+        if "int4" in names:
+            packed4, sz4, held = pack_int4(weight, self.dtype)
+            if "dense" in names:
+                dense = held.to(self.dtype)  # [out, in]
+            del held
         if "int8" in names:  # row blocks, so that no float32 copy of a large weight (the LM head) is made
             q = torch.empty((self.out_features, self.in_features), dtype=torch.int8)  # [out, in]
             s = torch.empty(self.out_features, dtype=self.dtype)  # [out]
@@ -277,6 +372,8 @@ class LowPrecisionLinear(nn.Module):
         # packed weights: opaque fbgemm handles / mkldnn tensors, int8 [out, in] + scales [out]; none saved
         # with state_dict
         self.register_buffer("weight_fp16", pack_fp16(w) if "fp16" in names else None, persistent=False)
+        self.register_buffer("weight_int4", packed4, persistent=False)
+        self.register_buffer("int4_scales_zeros", sz4, persistent=False)
         self.register_buffer("weight_int8", q, persistent=False)
         self.register_buffer("int8_scales", s, persistent=False)
         self.register_buffer("weight", dense, persistent=False)
@@ -290,6 +387,11 @@ class LowPrecisionLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         kernel = self.kernel_for(x.numel() // self.in_features)
         compiling = torch.compiler.is_compiling()  # custom ops under compile: opaque to inductor
+        if kernel == "int4":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(),
+                                                           self.weight_int4, INT4_GROUP, self.int4_scales_zeros)
+            y = y.view(*x.shape[:-1], self.out_features)  # [rows, in] -> [rows, out] -> [..., out]
+            return y if self.bias is None else y + self.bias
         if kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight_int8,
                                                    self.int8_scales)  # [rows, in] -> [rows, out]
@@ -312,7 +414,7 @@ class LowPrecisionLinear(nn.Module):
                 f"dtype={self.dtype}, kernels={self.kernels}")
 
 
-KERNEL_WORDS = {"int8": "int8 weights", "fp16": "float16 weights", "dense": "dense"}
+KERNEL_WORDS = {"int4": "int4 weights", "int8": "int8 weights", "fp16": "float16 weights", "dense": "dense"}
 
 
 def describe_kernels(kernels: tuple[tuple[int, str], ...]) -> str:

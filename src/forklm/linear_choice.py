@@ -34,7 +34,7 @@ PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 256)
 PROBE_BYTES = 32 << 20  # float32 weight bytes timed per distinct shape: enough to stream from memory
 MARGIN = 0.05  # another kernel replaces "dense" at a row count only when this much faster (fewer copies kept)
 BUSY_CORES = 0.3  # other processes using this many more cores than our threads left free: a probe not cached
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -71,12 +71,13 @@ def host_key(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype, kernels:
 
 
 def choose_kernels(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype,
-                   directory: Path | None = None) -> LinearChoice:
+                   directory: Path | None = None, int4_grid: bool = False) -> LinearChoice:
     """The cached choice for these linear shapes ((out, in) -> count) in `dtype` on this host,
-    measured if absent."""
+    measured if absent; `int4_grid`: their weights are on a 4-bit grid (`cpu_linear.on_int4_grid`),
+    so the int4 kernel is offered."""
     from .cpu_linear import kernels_available
 
-    names = kernels_available(dtype)
+    names = kernels_available(dtype, int4_grid)
     key = host_key(shapes, dtype, names)
     path = (directory or cache_dir()) / f"linear-choice-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.json"
     try:
@@ -184,17 +185,21 @@ def prepare_cpu_linears(model: torch.nn.Module, low_precision: set[str], directo
     """Give every linear of a CPU model its kernel, in place: the float32 or bfloat16 linears named in
     `low_precision` (values already low precision) run this host's measured kernels per row count
     where any beats the dense one; every other float32 linear runs oneDNN-packed (cpu_linear.py)."""
-    from .cpu_linear import KERNELS, is_cpu_linear, pack_linears, packing_available, use_low_precision_linears
+    from .cpu_linear import (INT4_KERNELS, KERNELS, is_cpu_linear, on_int4_grid, pack_linears, packing_available,
+                             use_low_precision_linears)
 
-    shapes: dict[torch.dtype, dict[tuple[int, int], int]] = {}  # no module references kept: see below
+    # (dtype, on a 4-bit grid) -> the linears' names and shape counts; no module references kept: see below
+    groups: dict[tuple[torch.dtype, bool], tuple[set[str], dict[tuple[int, int], int]]] = {}
     for name, m in model.named_modules():
         if name in low_precision and is_cpu_linear(m) and m.weight.dtype in KERNELS:
-            counts = shapes.setdefault(m.weight.dtype, {})
+            grid = m.weight.dtype in INT4_KERNELS and on_int4_grid(m.weight)
+            names, counts = groups.setdefault((m.weight.dtype, grid), (set(), {}))
+            names.add(name)
             counts[(m.out_features, m.in_features)] = counts.get((m.out_features, m.in_features), 0) + 1
-    for dtype, counts in shapes.items():
+    for (dtype, grid), (names, counts) in groups.items():
         if dtype == torch.float32 and not packing_available():
             continue
-        choice = choose_kernels(counts, dtype, directory)
+        choice = choose_kernels(counts, dtype, directory, int4_grid=grid)
         if not choice.only_dense:  # swaps module by module, so old weights go as new ones come (peak memory)
-            use_low_precision_linears(model, low_precision, choice.kernels, dtype)
+            use_low_precision_linears(model, names, choice.kernels, dtype)
     pack_linears(model)
