@@ -17,10 +17,13 @@ Weights whose values are already low precision (a GGUF file's Q8_0 / Q4_x blocks
 can run other kernels (`LowPrecisionLinear`): fbgemm's GEMM on float16 weights (half the bytes of
 float32; exact to 2^-11 of each value) and, with bfloat16 activations, `aten._weight_int8pack_mm` on
 int8 weights with a scale per output row (a quarter of the bytes; a requantization with a stated
-bound, `pack_int8`). Which is fastest depends on the host and the call's row count: on the 2-core
-AVX2 host float16 won at few rows and lost at many (benchmarks/results/cpu_linear_fp16*); on an
-AVX512-BF16 host int8 won at one row. `linear_choice.py` measures them once per host; each
-`LowPrecisionLinear` then picks by the row count of the call, every kernel holding the same values.
+bound, `pack_int8`) and, for weights on a 4-bit grid (Q4_1 blocks), `aten._weight_int4pack_mm_for_cpu`
+on the grid's codes (an eighth of the bytes; the grid kept, its scales and zeros rounded to bfloat16:
+`pack_int4`). Which is fastest depends on the host and the call's row count: on the 2-core AVX2 host
+float16 won at few rows and lost at many (benchmarks/results/cpu_linear_fp16*); on an AVX512-BF16 host
+int8, and int4 ahead of it, won at few rows. `linear_choice.py` measures them once per host; each
+`LowPrecisionLinear` then picks by the row count of the call, every kernel holding the same values (with
+int4, up to the dense copy's bfloat16 rounding of them).
 """
 
 from __future__ import annotations

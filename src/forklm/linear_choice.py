@@ -31,10 +31,14 @@ from .host import OthersMeter, cpu_model
 log = logging.getLogger(__name__)
 
 PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 256)
-PROBE_BYTES = 32 << 20  # float32 weight bytes timed per distinct shape: enough to stream from memory
+PROBE_BYTES = 32 << 20  # float32 weight bytes timed per distinct shape
+# read before every timed pass, so that the weights come from memory as in a step (which streams far more
+# than the last-level cache; a probe on cache-resident weights timed int4 and int8 alike, while streamed
+# int4 ran 2x as fast: cpu_linear.py)
+EVICT_BYTES = 64 << 20
 MARGIN = 0.05  # another kernel replaces "dense" at a row count only when this much faster (fewer copies kept)
 BUSY_CORES = 0.3  # other processes using this many more cores than our threads left free: a probe not cached
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -150,9 +154,10 @@ def kernels_from(ms: Mapping[str, Sequence[float]]) -> tuple[tuple[int, str], ..
 @torch.inference_mode()
 def measure(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype, names: Sequence[str],
             reps: int = 5) -> LinearChoice:
-    """Time one pass over the model's linears (each distinct shape timed on enough copies to stream
-    from memory, scaled to its count) in every kernel at every row count of PROBE_ROWS, through
-    `LowPrecisionLinear` itself: what is timed is what runs."""
+    """Time one pass over the model's linears (each distinct shape timed on up to PROBE_BYTES of copies,
+    scaled to its count, with the caches evicted before each timed pass: from memory, as in a step) in
+    every kernel at every row count of PROBE_ROWS, through `LowPrecisionLinear` itself: what is timed
+    is what runs."""
     from .cpu_linear import LowPrecisionLinear
 
     plan = []  # (in features, count scale, {kernel: LowPrecisionLinears running only that kernel})
@@ -165,12 +170,14 @@ def measure(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype, names: Se
                                            for k in names}))
         del dense
     ms: dict[str, list[float]] = {k: [] for k in names}
+    evict = torch.ones(max(EVICT_BYTES, 2 * _last_level_cache_bytes()) // 4)
     for rows in PROBE_ROWS:
         xs = {inp: torch.randn(rows, inp).to(dtype) for inp, *_ in plan}
         best = {k: [math.inf] * len(plan) for k in names}
         for rep in range(reps + 1):  # the kernels alternate, so a busy moment slows all; rep 0 warms up
             for j, (inp, _, linears) in enumerate(plan):
                 for k in names:
+                    evict.sum()  # the caches now hold this buffer, not the weights
                     t0 = time.perf_counter()
                     for lin in linears[k]:
                         lin(xs[inp])
@@ -203,3 +210,10 @@ def prepare_cpu_linears(model: torch.nn.Module, low_precision: set[str], directo
         if not choice.only_dense:  # swaps module by module, so old weights go as new ones come (peak memory)
             use_low_precision_linears(model, names, choice.kernels, dtype)
     pack_linears(model)
+
+
+def _last_level_cache_bytes() -> int:
+    try:
+        return max(0, os.sysconf("SC_LEVEL3_CACHE_SIZE"))
+    except (ValueError, OSError):
+        return 0

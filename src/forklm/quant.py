@@ -6,14 +6,15 @@ a float16 scale d and minimum m each: w = d * q + m, q in 0..15), with gguf-py's
 Hugging Face checkpoint quantized here has the values llama.cpp would give it. The LM head is rounded
 like the other linears; embeddings, norms and biases keep their values.
 
-What runs these values is chosen per host (`linear_choice.py`): PyTorch's int8 / int4 weight-only CPU
-kernels measured slower than float32, at one row and more so at more rows
-(benchmarks/results/cpu_linear_quantized*), so the quantized values are stored at 16 bits, which hold
-every Q8_0 / Q4_x value to within 2^-11 of itself (`LOW_PRECISION_REL_BOUND`).
+What runs these values is chosen per host and row count (`linear_choice.py`, `cpu_linear.py`): with
+float32 activations PyTorch's int8 / int4 weight-only CPU kernels measured slower than float32
+(benchmarks/results/cpu_linear_quantized*), so there the values are held at 16 bits, which hold every
+Q8_0 / Q4_x value to within 2^-11 of itself (`LOW_PRECISION_REL_BOUND`); with bfloat16 activations the
+int4 kernel runs Q4_1 values (found on their grid again: `cpu_linear.on_int4_grid`) and the int8 one
+the others, at the row counts where they were measured fastest.
 
 `int4pack_blocks` maps Q4_0 / Q4_1 blocks onto `aten._weight_int4pack_mm_for_cpu`'s groups exactly
-(scale = d, zero = m + 8 d, since that kernel computes (q - 8) * scale + zero); tests check it. (The kernel itself
-is not used: see above.)
+(scale = d, zero = m + 8 d, since that kernel computes (q - 8) * scale + zero); tests check it.
 """
 
 from __future__ import annotations
