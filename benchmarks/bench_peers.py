@@ -212,7 +212,7 @@ def main() -> None:
                     '\'{"INFERENCE_PRECISION_HINT": "f32"}\'')
     ap.add_argument("--openvino-timeout", type=float, default=300.0, help="s per openvino_peer.py process")
     ap.add_argument("--forklm-kwargs", type=json.loads, default={}, help="JSON passed to every LLM(...)")
-    ap.add_argument("--forklm-configs", type=json.loads, nargs="+", default=[{"name": "float32"}],
+    ap.add_argument("--forklm-configs", type=json.loads, nargs="+", default=[{"name": "default"}],
                     help="JSON objects: a name and LLM(...) keyword arguments (over --forklm-kwargs)")
     ap.add_argument("--quiet-wait", type=float, default=20.0, help="before each cell, wait up to this long (s) for "
                     "other processes to leave the CPUs")
