@@ -23,7 +23,7 @@ from forklm import LLM, SamplingParams
 
 GROUPS = {  # operator name fragments -> the part of the step they belong to
     "linears": ("packed_linear", "fp16_linear", "fbgemm", "linear_pointwise", "aten::linear", "aten::addmm", "aten::mm",
-                "int8pack_mm"),
+                "int8pack_mm", "int4pack_mm"),
     "attention": ("flash_attention", "scaled_dot_product", "attention"),
     "sampling": ("sort", "topk", "softmax", "log_softmax", "argmax", "multinomial", "cumsum", "bitwise", "remainder"),
 }
