@@ -347,3 +347,14 @@ def test_int4_linear_compiles_and_takes_non_contiguous_input():
     x = torch.randn(64, 3).to(torch.bfloat16).t()  # [3, 64], column-major
     with torch.inference_mode():
         assert torch.equal(low(x), low(x.contiguous()))
+
+
+@needs_int4
+def test_an_int4_linear_says_so_when_new_weights_are_off_its_grid(caplog):
+    lin = q4_linear(64, 32, False, torch.bfloat16, 6)
+    with caplog.at_level("WARNING", logger="forklm.cpu_linear"):
+        low = LowPrecisionLinear(lin, INT4_DENSE)
+        low.repack(quantize_values(torch.randn(32, 64), "int4").to(torch.bfloat16))  # on a grid: quiet
+        assert not caplog.records
+        low.repack(torch.randn(32, 64).to(torch.bfloat16))
+    assert "not on a 4-bit grid" in caplog.text

@@ -353,6 +353,10 @@ class LowPrecisionLinear(nn.Module):
         q = s = dense = w = packed4 = sz4 = None
         if "int4" in names:
             packed4, sz4, held = pack_int4(weight, self.dtype)
+            moved = (held - weight.detach().float()).abs().max().item()
+            if moved > 2 * _INT4_GRID_TOL * weight.detach().abs().max().item():  # e.g. update_weights off the grid
+                log.warning("int4 linear [%d, %d]: weights not on a 4-bit grid, rounded to one (up to %.3g off)",
+                            self.out_features, self.in_features, moved)
             if "dense" in names:
                 dense = held.to(self.dtype)  # [out, in]
             del held

@@ -164,8 +164,11 @@ def measure(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype, names: Se
     for (out, inp), count in shapes.items():
         copies = max(1, min(count, math.ceil(PROBE_BYTES / (4 * out * inp))))
         dense = [torch.nn.Linear(inp, out, bias=False, dtype=dtype) for _ in range(copies)]
-        for lin in dense:
-            torch.nn.init.normal_(lin.weight, std=0.02)
+        for lin in dense:  # values on a 4-bit grid (each group of 32 spans codes 0..15), as int4 is offered for
+            codes = torch.randint(0, 16, (out, inp))
+            codes[:, ::32], codes[:, 1::32] = 0, 15
+            with torch.no_grad():
+                lin.weight.copy_((codes - 8) * 0.005)
         plan.append((inp, count / copies, {k: [LowPrecisionLinear(lin, ((PROBE_ROWS[-1], k),)) for lin in dense]
                                            for k in names}))
         del dense
