@@ -49,7 +49,7 @@ MODES = {
 }
 # --profile: operator name fragments -> part of the decode step (first match wins; anything else is "rest")
 PARTS = {
-    "linears": ("linear_pointwise", "int8pack_mm", "fp16_linear", "fbgemm", "aten::linear", "aten::addmm", "aten::mm"),
+    "linears": ("linear_pointwise", "int4pack_mm", "int8pack_mm", "fp16_linear", "fbgemm", "aten::linear", "aten::addmm", "aten::mm"),
     "attention": ("flash_attention", "scaled_dot_product", "aten::bmm", "aten::matmul", "logsumexp"),
     "copies": ("aten::copy_", "aten::index_copy_", "aten::cat"),
     "sampling": ("rshift", "bitwise", "aten::log_", "aten::exp_", "argmax", "topk", "sort", "softmax"),

@@ -350,11 +350,29 @@ def test_int4_linear_compiles_and_takes_non_contiguous_input():
 
 
 @needs_int4
-def test_an_int4_linear_says_so_when_new_weights_are_off_its_grid(caplog):
+def test_new_weights_off_the_grid_make_an_int4_linear_dense_and_exact(caplog):
     lin = q4_linear(64, 32, False, torch.bfloat16, 6)
+    x = torch.randn(2, 64).to(torch.bfloat16)
     with caplog.at_level("WARNING", logger="forklm.cpu_linear"):
         low = LowPrecisionLinear(lin, INT4_DENSE)
-        low.repack(quantize_values(torch.randn(32, 64), "int4").to(torch.bfloat16))  # on a grid: quiet
-        assert not caplog.records
-        low.repack(torch.randn(32, 64).to(torch.bfloat16))
+        on_grid = quantize_values(torch.randn(32, 64), "int4").to(torch.bfloat16)
+        low.repack(on_grid)  # on a grid: stays int4, quietly
+        assert not caplog.records and low.kernel_for(1) == "int4"
+        off = torch.randn(32, 64).to(torch.bfloat16)
+        low.repack(off)
     assert "not on a 4-bit grid" in caplog.text
+    assert low.kernels == ((256, "dense"),) and low.weight_int4 is None
+    with torch.inference_mode():
+        ours = low(x).float()
+    ref = nn.functional.linear(x.float(), off.float())  # no bias
+    assert ((ours - ref).abs() <= summation_slack(torch.bfloat16, x, off.float(), ref)).all()
+
+
+@needs_int4
+def test_int4_packed_in_row_blocks_is_packed_whole():
+    """Large weights (a 49152-row head) are packed a block of rows at a time; the blocks concatenate."""
+    lin = q4_linear(64, 160, False, torch.bfloat16, 7)
+    whole = pack_int4(lin.weight, torch.bfloat16, block_rows=160)
+    blocks = pack_int4(lin.weight, torch.bfloat16, block_rows=64)
+    for a, b in zip(whole, blocks):
+        assert torch.equal(a, b)

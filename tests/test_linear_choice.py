@@ -110,6 +110,18 @@ def test_bfloat16_and_float32_are_measured_apart(tmp_path, quiet):
     assert "int8" not in a.ms and ("int8" in b.ms) == ("int8" in kernels_available(torch.bfloat16))
 
 
+def test_a_4_bit_grid_group_is_measured_and_cached_apart(tmp_path, monkeypatch):
+    """The same shapes on and off a 4-bit grid are offered different kernels: two measurements, two files."""
+    seen = []
+    monkeypatch.setattr(linear_choice, "measure", lambda shapes, dtype, names: seen.append(names) or
+                        linear_choice.LinearChoice(((256, "dense"),), {}, 0.0))
+    monkeypatch.setattr(linear_choice, "BUSY_CORES", 1e9)  # cache it whatever the host is doing
+    for grid in (True, False, True, False):
+        choose_kernels({(48, 64): 2}, torch.bfloat16, tmp_path, int4_grid=grid)
+    assert len(seen) == 2 and len(list(tmp_path.glob("linear-choice-*.json"))) == 2
+    assert seen == [kernels_available(torch.bfloat16, int4_grid=True), kernels_available(torch.bfloat16)]
+
+
 def test_prepare_cpu_linears_gives_named_low_precision_linears_the_measured_kernels(tmp_path, quiet):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32), nn.Linear(32, 8).to(torch.bfloat16),
@@ -133,15 +145,15 @@ def test_embedded_model_runs_its_quantized_blocks_at_low_precision_only_under_au
     exact = LLM(smollm_path, dtype=str(auto.dtype).removeprefix("torch."))
     lows = [m for m in auto.model.modules() if isinstance(m, LowPrecisionLinear)]
     assert not any(isinstance(m, LowPrecisionLinear) for m in exact.model.modules())
-    if lows:
-        # every linear of the file is a Q4_1 / Q8_0 block tensor, the tied head (Q8_0 embedding) included
-        assert len(lows) == 7 * auto.config.n_layers + 1 and isinstance(auto.model.lm_head, LowPrecisionLinear)
-        blocks = [m for n, m in auto.model.named_modules() if isinstance(m, LowPrecisionLinear) and n != "lm_head"]
-        # the Q4_1 block linears share one measured menu (with int4 where this torch has it: they are on its
-        # grid), the Q8_0 head has its own
-        assert len({m.kernels for m in blocks}) == 1 and all(m.describe() in auto.precision_summary() for m in lows)
-        offered = kernels_available(auto.dtype, int4_grid=True)
-        assert {k for _, k in blocks[0].kernels} <= set(offered)
+    # every linear of the file is a Q4_1 / Q8_0 block tensor, the tied head (Q8_0 embedding) included: the
+    # Q4_1 block linears (on int4's grid) share one measured menu, the head has its own; a group whose
+    # measurement said "dense at every row count" keeps its plain linears
+    blocks = [m for n, m in auto.model.named_modules() if isinstance(m, LowPrecisionLinear) and n != "lm_head"]
+    assert len(blocks) in (0, 7 * auto.config.n_layers)
+    assert len({m.kernels for m in blocks}) <= 1 and all(m.describe() in auto.precision_summary() for m in lows)
+    if blocks:
+        assert {k for _, k in blocks[0].kernels} <= set(kernels_available(auto.dtype, int4_grid=True))
+    if isinstance(auto.model.lm_head, LowPrecisionLinear):
         assert "int4" not in {k for _, k in auto.model.lm_head.kernels}
     int8 = any(k in ("int8", "int4") for m in lows for _, k in m.kernels)  # not float16's 2^-11 per weight
     prompt = auto.encode("The capital of France is")

@@ -255,20 +255,30 @@ def int4_grid_bound(weight: Tensor) -> Tensor:
     return _INT4_GRID_TOL * _groups(weight).abs().amax(dim=-1)
 
 
-def pack_int4(weight: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor, Tensor]:
+def pack_int4(weight: Tensor, dtype: torch.dtype = torch.bfloat16,
+              block_rows: int = PACK_BLOCK_ROWS) -> tuple[Tensor, Tensor, Tensor]:
     """(packed codes, scales_and_zeros [in / 32, out, 2] in `dtype`, held values [out, in] float32) for
     `aten._weight_int4pack_mm_for_cpu`, which computes each weight as (q - 8) * scale + zero with its
     group's scale and zero in the activations' dtype: scale = step, zero = low + 8 * step (`int4_grid`),
     each rounded to `dtype`. The held values are what the kernel multiplies by; for a weight on a 4-bit
     grid they are within one `dtype` rounding of the scale and zero of it (bfloat16: 2^-9 of each)."""
-    q, step, low = int4_grid(weight)
-    scale, zero = step.to(dtype), (low + 8 * step).to(dtype)  # [out, in / 32] each
-    out_f, in_f = q.shape
-    held = ((q.float().reshape(out_f, in_f // INT4_GROUP, INT4_GROUP) - 8) * scale.float()[..., None]
-            + zero.float()[..., None]).reshape(out_f, in_f)  # [out, in]
-    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [in / 32, out, 2]
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)  # opaque [out, in / 2] uint8
-    return packed, scales_zeros, held
+    parts = list(_pack_int4_blocks(weight, dtype, block_rows))
+    return (torch.cat([p for p, _, _ in parts]), torch.cat([sz for _, sz, _ in parts], dim=1),
+            torch.cat([h for _, _, h in parts]))
+
+
+def _pack_int4_blocks(weight: Tensor, dtype: torch.dtype, block_rows: int = PACK_BLOCK_ROWS):
+    """`pack_int4` a block of rows at a time (the float32 temporaries of one block, not of a 49152-row
+    head): yields (packed [rows, in / 2], scales_and_zeros [in / 32, rows, 2], held [rows, in] float32).
+    The kernel's packing works in blocks of rows that divide block_rows, so the packed blocks concatenate."""
+    for a in range(0, weight.shape[0], block_rows):
+        q, step, low = int4_grid(weight[a:a + block_rows])
+        scale, zero = step.to(dtype), (low + 8 * step).to(dtype)  # [rows, in / 32] each
+        rows, in_f = q.shape
+        held = ((q.float().reshape(rows, in_f // INT4_GROUP, INT4_GROUP) - 8) * scale.float()[..., None]
+                + zero.float()[..., None]).reshape(rows, in_f)  # [rows, in]
+        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [in / 32, rows, 2]
+        yield torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros, held  # opaque [rows, in / 2]
 
 
 def pack_int8(weight: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
@@ -327,7 +337,10 @@ class LowPrecisionLinear(nn.Module):
     max|row| / 127 of itself (`pack_int8`), else with "fp16" within 2^-11 of itself
     (quant.LOW_PRECISION_REL_BOUND), else exact. So the kernels differ only in summation order, as a
     dense kernel does between row counts, and a sample's result does not hinge on how many rows its
-    step had. Inference only."""
+    step had. The exception is "int4" (weights on a 4-bit grid only, `on_int4_grid`): its dense partner
+    holds int4's values rounded to the model's dtype, so there the kernels also differ by that rounding
+    (bfloat16: 2^-9 of each weight); new weights off the grid (`repack`) make the linear dense-only.
+    Inference only."""
 
     def __init__(self, linear: nn.Linear, kernels: tuple[tuple[int, str], ...]):
         super().__init__()
@@ -351,15 +364,22 @@ class LowPrecisionLinear(nn.Module):
         assert tuple(weight.shape) == (self.out_features, self.in_features)
         names = {k for _, k in self.kernels}
         q = s = dense = w = packed4 = sz4 = None
+        if "int4" in names and not on_int4_grid(weight):  # e.g. update_weights: int4 would round them coarsely
+            log.warning("int4 linear [%d, %d]: new weights not on a 4-bit grid; they run dense from now on, exact",
+                        self.out_features, self.in_features)
+            self.kernels, names = ((self.kernels[-1][0], "dense"),), {"dense"}
         if "int4" in names:
-            packed4, sz4, held = pack_int4(weight, self.dtype)
-            moved = (held - weight.detach().float()).abs().max().item()
-            if moved > 2 * _INT4_GRID_TOL * weight.detach().abs().max().item():  # e.g. update_weights off the grid
-                log.warning("int4 linear [%d, %d]: weights not on a 4-bit grid, rounded to one (up to %.3g off)",
-                            self.out_features, self.in_features, moved)
+            packed, sz4 = [], []
             if "dense" in names:
-                dense = held.to(self.dtype)  # [out, in]
-            del held
+                dense = torch.empty((self.out_features, self.in_features), dtype=self.dtype)  # [out, in]
+            a = 0
+            for p, sz, held in _pack_int4_blocks(weight, self.dtype):  # blocks: no float32 copy of a large weight
+                packed.append(p)
+                sz4.append(sz)
+                if dense is not None:
+                    dense[a:a + len(held)] = held.to(self.dtype)
+                a += len(held)
+            packed4, sz4 = torch.cat(packed), torch.cat(sz4, dim=1)  # [out, in / 2], [in / 32, out, 2]
         if "int8" in names:  # row blocks, so that no float32 copy of a large weight (the LM head) is made
             q = torch.empty((self.out_features, self.in_features), dtype=torch.int8)  # [out, in]
             s = torch.empty(self.out_features, dtype=self.dtype)  # [out]

@@ -165,10 +165,10 @@ def measure(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype, names: Se
         copies = max(1, min(count, math.ceil(PROBE_BYTES / (4 * out * inp))))
         dense = [torch.nn.Linear(inp, out, bias=False, dtype=dtype) for _ in range(copies)]
         for lin in dense:  # values on a 4-bit grid (each group of 32 spans codes 0..15), as int4 is offered for
-            codes = torch.randint(0, 16, (out, inp))
+            codes = torch.randint(0, 16, (out, inp), dtype=torch.int8)  # int8: a 49152-row head stays small
             codes[:, ::32], codes[:, 1::32] = 0, 15
             with torch.no_grad():
-                lin.weight.copy_((codes - 8) * 0.005)
+                lin.weight.copy_(codes.to(dtype).sub_(8).mul_(0.005))
         plan.append((inp, count / copies, {k: [LowPrecisionLinear(lin, ((PROBE_ROWS[-1], k),)) for lin in dense]
                                            for k in names}))
         del dense
