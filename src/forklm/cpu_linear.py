@@ -390,15 +390,16 @@ class LowPrecisionLinear(nn.Module):
                 q[a:a + len(qa)], s[a:a + len(qa)] = qa, sa
                 if dense is not None:
                     dense[a:a + len(qa)] = (qa.float() * sa.float()[:, None]).to(self.dtype)  # exact: pack_int8
-        if "fp16" in names or ("dense" in names and dense is None):
-            w = held_values(weight, names)  # [out, in] float32, exact in every kernel's format
-            if "dense" in names:
-                dense = w.to(self.dtype).contiguous()
+        if "fp16" in names:  # fbgemm packs from float32: that copy lives only while packing (peak memory)
+            w = pack_fp16(held_values(weight, names))
+        if "dense" in names and dense is None:  # held values: float16's where fp16 is kept, else the weight's
+            src = weight.detach().to(device="cpu")
+            dense = (src.half() if "fp16" in names else src).to(self.dtype).contiguous()  # [out, in]
         if self._dense_packed:  # the opaque mkldnn layout [out, in]
             dense = torch.ops.mkldnn._reorder_linear_weight(dense, PACK_ROWS_HINT)
         # packed weights: opaque fbgemm handles / mkldnn tensors, int8 [out, in] + scales [out]; none saved
         # with state_dict
-        self.register_buffer("weight_fp16", pack_fp16(w) if "fp16" in names else None, persistent=False)
+        self.register_buffer("weight_fp16", w, persistent=False)
         self.register_buffer("weight_int4", packed4, persistent=False)
         self.register_buffer("int4_scales_zeros", sz4, persistent=False)
         self.register_buffer("weight_int8", q, persistent=False)
