@@ -209,7 +209,11 @@ def kernels_available(dtype: torch.dtype, int4_grid: bool = False) -> tuple[str,
 
 
 def _grid(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """w [out, in / 32, 32] float32 -> (q float32 in 0..15 [out, in / 32, 32], step, low [out, in / 32])."""
+    """w [out, in / 32, 32] float32 (groups of 32 inputs) on the nearest grid of GGUF Q4_1's form:
+    w ~= low + q * step with q in 0..15, low the group's minimum and step its range / 15. Returns
+    (q float32 [out, in / 32, 32], step, low [out, in / 32]). A Q4_1 block (where gguf's quantizer puts
+    the minimum at q = 0 and the maximum at q = 15) is found again exactly, up to float32 rounding of the
+    step (and the rounding of the weight's own dtype)."""
     low, high = w.amin(dim=-1), w.amax(dim=-1)  # [out, in / 32]
     step = (high - low) / 15
     safe = torch.where(step > 0, step, torch.ones_like(step))
@@ -223,16 +227,6 @@ def _groups(weight: Tensor) -> Tensor:
     return weight.detach().to(device="cpu", dtype=torch.float32).reshape(out_f, in_f // INT4_GROUP, INT4_GROUP)
 
 
-def int4_grid(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """weight [out, in] (in % 32 == 0) on the nearest grid of GGUF Q4_1's form: per group of 32 inputs,
-    w ~= low + q * step with q in 0..15, low the group's minimum and step its range / 15. Returns
-    (q int32 [out, in], step [out, in / 32], low [out, in / 32]) in float32. A Q4_1 block (where gguf's
-    quantizer puts the minimum at q = 0 and the maximum at q = 15) is found again exactly, up to float32
-    rounding of the step (and the rounding of the weight's own dtype)."""
-    q, step, low = _grid(_groups(weight))
-    return q.to(torch.int32).reshape(weight.shape), step, low
-
-
 def on_int4_grid(weight: Tensor) -> bool:
     """Whether every group of 32 inputs of `weight` [out, in] holds 16 or fewer evenly spaced values from
     its minimum to its maximum (a 4-bit grid, such as a GGUF file's Q4_1 blocks), up to the rounding of
@@ -241,13 +235,18 @@ def on_int4_grid(weight: Tensor) -> bool:
     out_f, in_f = weight.shape
     if in_f % INT4_GROUP or out_f % _INT4_OUT_MULTIPLE or not int4_available():
         return False
-    for a in range(0, out_f, PACK_BLOCK_ROWS):  # row blocks: a few float32 temporaries of a block, not of all
-        w = _groups(weight[a:a + PACK_BLOCK_ROWS])
+    return all(on for *_, on in _grid_blocks(weight))
+
+
+def _grid_blocks(weight: Tensor, block_rows: int = PACK_BLOCK_ROWS):
+    """`_grid` a block of rows at a time (a few float32 temporaries of a block, not of a 49152-row head):
+    yields (q float32 [rows, in / 32, 32], step, low [rows, in / 32], whether the block is on its grid)."""
+    for a in range(0, weight.shape[0], block_rows):
+        w = _groups(weight[a:a + block_rows])
         q, step, low = _grid(w)
         bound = _INT4_GRID_TOL * torch.maximum(low.abs(), (low + 15 * step).abs())  # [rows, in / 32]: max |w|
-        if not (q.mul_(step[..., None]).add_(low[..., None]).sub_(w).abs_() <= bound[..., None]).all():
-            return False
-    return True
+        off = (q * step[..., None]).add_(low[..., None]).sub_(w).abs_()  # [rows, in / 32, 32]
+        yield q, step, low, bool((off <= bound[..., None]).all())
 
 
 def int4_grid_bound(weight: Tensor) -> Tensor:
@@ -259,26 +258,25 @@ def pack_int4(weight: Tensor, dtype: torch.dtype = torch.bfloat16,
               block_rows: int = PACK_BLOCK_ROWS) -> tuple[Tensor, Tensor, Tensor]:
     """(packed codes, scales_and_zeros [in / 32, out, 2] in `dtype`, held values [out, in] float32) for
     `aten._weight_int4pack_mm_for_cpu`, which computes each weight as (q - 8) * scale + zero with its
-    group's scale and zero in the activations' dtype: scale = step, zero = low + 8 * step (`int4_grid`),
+    group's scale and zero in the activations' dtype: scale = step, zero = low + 8 * step (`_grid`),
     each rounded to `dtype`. The held values are what the kernel multiplies by; for a weight on a 4-bit
     grid they are within one `dtype` rounding of the scale and zero of it (bfloat16: 2^-9 of each)."""
     parts = list(_pack_int4_blocks(weight, dtype, block_rows))
-    return (torch.cat([p for p, _, _ in parts]), torch.cat([sz for _, sz, _ in parts], dim=1),
-            torch.cat([h for _, _, h in parts]))
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], dim=1),
+            torch.cat([p[2] for p in parts]))
 
 
 def _pack_int4_blocks(weight: Tensor, dtype: torch.dtype, block_rows: int = PACK_BLOCK_ROWS):
     """`pack_int4` a block of rows at a time (the float32 temporaries of one block, not of a 49152-row
-    head): yields (packed [rows, in / 2], scales_and_zeros [in / 32, rows, 2], held [rows, in] float32).
-    The kernel's packing works in blocks of rows that divide block_rows, so the packed blocks concatenate."""
-    for a in range(0, weight.shape[0], block_rows):
-        q, step, low = int4_grid(weight[a:a + block_rows])
+    head): yields (packed [rows, in / 2], scales_and_zeros [in / 32, rows, 2], held [rows, in] float32,
+    whether the block's weights were on their grid). The kernel's packing works in blocks of rows that
+    divide block_rows, so the packed blocks concatenate."""
+    for q, step, low, on in _grid_blocks(weight, block_rows):
         scale, zero = step.to(dtype), (low + 8 * step).to(dtype)  # [rows, in / 32] each
-        rows, in_f = q.shape
-        held = ((q.float().reshape(rows, in_f // INT4_GROUP, INT4_GROUP) - 8) * scale.float()[..., None]
-                + zero.float()[..., None]).reshape(rows, in_f)  # [rows, in]
+        held = (q - 8).mul_(scale.float()[..., None]).add_(zero.float()[..., None]).flatten(1)  # [rows, in]
         scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # [in / 32, rows, 2]
-        yield torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros, held  # opaque [rows, in / 2]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).flatten(1), 1)  # [rows, in / 2]
+        yield packed, scales_zeros, held, on
 
 
 def pack_int8(weight: Tensor, dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor]:
@@ -364,22 +362,24 @@ class LowPrecisionLinear(nn.Module):
         assert tuple(weight.shape) == (self.out_features, self.in_features)
         names = {k for _, k in self.kernels}
         q = s = dense = w = packed4 = sz4 = None
-        if "int4" in names and not on_int4_grid(weight):  # e.g. update_weights: int4 would round them coarsely
-            log.warning("int4 linear [%d, %d]: new weights not on a 4-bit grid; they run dense from now on, exact",
-                        self.out_features, self.in_features)
-            self.kernels, names = ((self.kernels[-1][0], "dense"),), {"dense"}
         if "int4" in names:
-            packed, sz4 = [], []
+            packed, sz4, on_grid = [], [], True
             if "dense" in names:
                 dense = torch.empty((self.out_features, self.in_features), dtype=self.dtype)  # [out, in]
             a = 0
-            for p, sz, held in _pack_int4_blocks(weight, self.dtype):  # blocks: no float32 copy of a large weight
+            for p, sz, held, on in _pack_int4_blocks(weight, self.dtype):  # blocks: no float32 copy of it all
                 packed.append(p)
                 sz4.append(sz)
+                on_grid &= on
                 if dense is not None:
                     dense[a:a + len(held)] = held.to(self.dtype)
                 a += len(held)
             packed4, sz4 = torch.cat(packed), torch.cat(sz4, dim=1)  # [out, in / 2], [in / 32, out, 2]
+            if not on_grid:  # e.g. update_weights: int4 would round them coarsely
+                log.warning("int4 linear [%d, %d]: new weights not on a 4-bit grid; they run dense from now on, "
+                            "exact", self.out_features, self.in_features)
+                self.kernels, names = ((self.kernels[-1][0], "dense"),), {"dense"}
+                packed4 = sz4 = dense = None
         if "int8" in names:  # row blocks, so that no float32 copy of a large weight (the LM head) is made
             q = torch.empty((self.out_features, self.in_features), dtype=torch.int8)  # [out, in]
             s = torch.empty(self.out_features, dtype=self.dtype)  # [out]
