@@ -390,8 +390,8 @@ class LowPrecisionLinear(nn.Module):
                 q[a:a + len(qa)], s[a:a + len(qa)] = qa, sa
                 if dense is not None:
                     dense[a:a + len(qa)] = (qa.float() * sa.float()[:, None]).to(self.dtype)  # exact: pack_int8
-        if "fp16" in names:  # fbgemm packs from float32: that copy lives only while packing (peak memory)
-            w = pack_fp16(held_values(weight, names))
+        if "fp16" in names:  # fbgemm rounds to float16 as it packs (float16's held values); from a float32 copy
+            w = pack_fp16(weight)  # that lives only while packing (peak memory)
         if "dense" in names and dense is None:  # held values: float16's where fp16 is kept, else the weight's
             src = weight.detach().to(device="cpu")
             dense = (src.half() if "fp16" in names else src).to(self.dtype).contiguous()  # [out, in]
