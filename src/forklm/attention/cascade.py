@@ -29,6 +29,9 @@ def _level_pass(q: Tensor, k: Tensor, v: Tensor, length: Tensor, scale: float,
     r, h, d = q.shape
     hkv = k.shape[0]
     g = h // hkv
+    if r == 1:  # one row: [1, H, D] is [1, Hkv, G, D] as it stands (no permutes)
+        out, lse = attention_with_lse(q.reshape(1, hkv, g, d), k.unsqueeze(0), v.unsqueeze(0), length, scale, mask)
+        return out.reshape(1, h, d), lse.reshape(1, h)  # [1, H, D], [1, H]
     qs = q.reshape(r, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, r * g, d)  # [1, Hkv, R*G, D]
     out, lse = attention_with_lse(qs, k.unsqueeze(0), v.unsqueeze(0), length, scale, mask)  # [1, Hkv, R*G, D], [1, Hkv, R*G]
     out = out.reshape(hkv, r, g, d).permute(1, 0, 2, 3).reshape(r, h, d)  # [R, H, D]
@@ -128,7 +131,9 @@ class DecodeAttention:
                                    self._mask(i, group.lengths, group.width, q))
             # the pool level has a key in every row (written above), so the running part a is never empty
             o, l = merge_with_lse(out[group.rows], lse[group.rows], o, l, may_be_empty=False)  # [U, H, D], [U, H]
-            if isinstance(group.rows, slice):
+            if isinstance(group.rows, slice) and group.rows == slice(0, out.shape[0]):  # every row
+                out, lse = o, l
+            elif isinstance(group.rows, slice):
                 out[group.rows], lse[group.rows] = o, l
             else:
                 out.index_copy_(0, group.rows, o)
