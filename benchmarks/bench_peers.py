@@ -39,6 +39,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import report
 from forklm import LLM, SamplingParams
@@ -151,6 +152,52 @@ def forklm_cell(llm: LLM, prompt: list[int], n: int, T: int, reps: int) -> dict:
             "reps_prefill_s": [r["prefill_s"] for r in runs]}
 
 
+KERNELS = ("int4pack_mm", "int8pack_mm", "fbgemm_linear", "_linear_pointwise", "aten.mm.", "aten.addmm.",
+           "aten.linear.", "flash_attention", "efficient_attention")  # a step's heavy operators
+
+
+class _Capture(TorchDispatchMode):
+    """Records the heavy operators (KERNELS) of everything run under it, with their arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(k in str(func) for k in KERNELS):
+            self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def kernel_floor_cell(llm: LLM, prompt: list[int], n: int, T: int, reps: int) -> dict:
+    """forklm's decode step with everything but its heavy kernels free: the linears' and attention's
+    operators of one mid-decode step (step T // 2), recorded with their arguments and replayed back to
+    back (one dispatcher call each, no Python glue, no small operators, no sampling). No change to the
+    step's glue can make it faster than this with these kernels."""
+    engine = llm.make_engine(CacheShape(1, n, n, len(prompt), T))
+    engine.add_request("r", prompt, SamplingParams(n=n, max_tokens=T, temperature=0.8, seed=0, ignore_eos=True))
+    engine.step()  # prefill + first token
+    for _ in range(T // 2 - 1):
+        engine.step()
+    cap = _Capture()
+    with cap:
+        engine.step()
+    names = [str(f) for f, _, _ in cap.calls]
+
+    def replay() -> float:
+        t = time.perf_counter()
+        for f, a, k in cap.calls:
+            f(*a, **k)
+        return time.perf_counter() - t
+
+    replay()
+    times = [replay() for _ in range(max(5, 4 * reps))]
+    engine.abort("r")
+    return {"prefill_s": float("nan"), "step_ms": 1e3 * min(times), "reps_step_ms": [1e3 * min(times), 1e3 * statistics.median(times)],  # min, median
+            "kernel_calls": {k: names.count(k) for k in dict.fromkeys(names)}}
+
+
 def make_prompt(llm: LLM, L: int) -> list[int]:
     return llm.encode(TEXT * (L // 20 + 2))[:L]  # ~40 tokens per TEXT: about 2L tokens
 
@@ -214,6 +261,8 @@ def main() -> None:
     ap.add_argument("--forklm-kwargs", type=json.loads, default={}, help="JSON passed to every LLM(...)")
     ap.add_argument("--forklm-configs", type=json.loads, nargs="+", default=[{"name": "default"}],
                     help="JSON objects: a name and LLM(...) keyword arguments (over --forklm-kwargs)")
+    ap.add_argument("--kernel-floor", action="store_true", help="beside each forklm config, its step's heavy "
+                    "kernels alone (linears, attention: recorded from one decode step and replayed back to back)")
     ap.add_argument("--quiet-wait", type=float, default=20.0, help="before each cell, wait up to this long (s) for "
                     "other processes to leave the CPUs")
     ap.add_argument("--out", default="benchmarks/results/peers_cpu")
@@ -277,6 +326,9 @@ def main() -> None:
             for name, (llm, _) in llms.items():
                 r = measured(lambda: forklm_cell(llm, prompts[name], n, T, args.reps), args.quiet_wait)
                 record({"L": L, "n": n, "engine": name, **r})
+                if args.kernel_floor:
+                    r = measured(lambda: kernel_floor_cell(llm, prompts[name], n, T, args.reps), args.quiet_wait)
+                    record({"L": L, "n": n, "engine": f"{name}: kernels only", **r})
             for model in ov_models:
                 try:
                     r = measured(lambda: openvino_cell(args.openvino_python, model, ov_prompt, n, T, args.threads,
