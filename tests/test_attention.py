@@ -16,6 +16,7 @@ from forklm.attention import (
     causal_attention,
     decode_rows_from_counts,
     merge_attention,
+    merge_with_lse,
     replicated_decode_attention,
 )
 
@@ -211,6 +212,25 @@ def test_merge_attention_empty_parts():
     assert torch.allclose(merge_attention(torch.zeros_like(out_a), inf, out_b, lse_b), out_b, atol=1e-6)
     both = merge_attention(torch.zeros_like(out_a), inf, torch.zeros_like(out_b), inf)
     assert (both == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_merge_never_empty_matches_guarded_merge(dtype):
+    """may_be_empty=False (sigmoid weight, lerp) gives the guarded merge's result, also where part b is
+    empty (lse -inf) or far larger / smaller than part a."""
+    torch.manual_seed(7)
+    out_a, out_b = _rand(6, 3, 16, dtype=dtype), _rand(6, 3, 16, dtype=dtype)
+    lse_a = _rand(6, 3) * 5
+    lse_b = _rand(6, 3) * 5
+    lse_b[0] = -math.inf  # empty b
+    lse_b[1] = lse_a[1] + 60.0  # b dominates
+    lse_b[2] = lse_a[2] - 60.0  # a dominates
+    fast_out, fast_lse = merge_with_lse(out_a, lse_a, out_b, lse_b, may_be_empty=False)
+    ref_out, ref_lse = merge_with_lse(out_a, lse_a, out_b, lse_b)
+    assert fast_out.dtype == dtype and fast_lse.dtype == torch.float32
+    assert torch.allclose(fast_lse, ref_lse, atol=1e-5, rtol=1e-6)
+    assert (fast_out.float() - ref_out.float()).abs().max().item() <= (1e-6 if dtype == torch.float32 else 1e-2)
+    assert torch.equal(fast_out[0], out_a[0]) and torch.equal(fast_lse[0], lse_a[0])
 
 
 def _masked_softmax_attention(q, k, v, keep, scale):

@@ -6,6 +6,7 @@ import torch
 from forklm.checkpoint import load_checkpoint
 from forklm.config import ModelConfig
 from forklm.attention.cascade import CausalAttention
+from forklm.model import RMSNorm, apply_rope, rope_tables
 
 from conftest import FAMILIES
 
@@ -34,3 +35,25 @@ def test_config_family_comes_from_model_type_not_folder_name(hf_models):
     # architectures alone is enough when model_type is missing
     assert ModelConfig.from_hf({"architectures": ["GPT2LMHeadModel"], "n_embd": 8, "n_layer": 1, "n_head": 2,
                                 "vocab_size": 5, "n_positions": 8}).family == "gpt2"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 9, 1, 64), (5, 3, 7, 32), (2, 4, 33, 16)], ids=["decode", "odd", "chunk"])
+def test_rope_and_norm_match_their_textbook_forms(dtype, shape):
+    """apply_rope on rope_tables == rotating the two halves (HF's rotate_half); RMSNorm == x * rsqrt(mean(x^2) + eps)
+    in float32: bitwise."""
+    torch.manual_seed(sum(shape))
+    n, _, length, d = shape
+    x = torch.randn(shape).to(dtype)
+    angles = torch.rand(n, 1, length, d // 2) * 100
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    want = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+    assert torch.equal(apply_rope(x, *rope_tables(angles)), want)
+    norm = RMSNorm(d, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d))
+    norm = norm.to(dtype)
+    xf = x.float()
+    want = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert torch.equal(norm(x), want)

@@ -193,6 +193,23 @@ def test_logprobs_top_alternatives_and_ranks():
     assert none_asked.top_logprobs is None and none_asked.ranks is None and none_asked.logprobs.shape == (S,)
 
 
+@pytest.mark.parametrize("block_rows", [1, 3, 5])
+def test_draw_in_row_blocks_equals_one_block(monkeypatch, block_rows):
+    """The eager draw runs in blocks of rows (to stay in cache); any block size gives the tokens and
+    log probs of one block over the whole batch (what the compiled draw computes), greedy rows too."""
+    import forklm.sampling.sampler as sampler
+
+    S, V = 13, 1000
+    rows, prompts, logits = _varied_batch(S, V, 3)
+    order = list(range(S))
+    monkeypatch.setattr(sampler, "RACE_BLOCK", 10 * S * V)
+    whole = _draw_rows(rows, prompts, logits, order)
+    monkeypatch.setattr(sampler, "RACE_BLOCK", block_rows * V)
+    blocked = _draw_rows(rows, prompts, logits, order)
+    assert torch.equal(blocked.tokens, whole.tokens) and torch.equal(blocked.logprobs, whole.logprobs)
+    assert any(not r.params.temperature for r in rows) and len(set(whole.tokens.tolist())) > 3
+
+
 def _mixed_step_inputs(device: str):
     params = [SamplingParams(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, repetition_penalty=1.3,
                              presence_penalty=0.5, logit_bias={3: 5.0}, no_repeat_ngram_size=2, min_tokens=3,

@@ -253,6 +253,8 @@ class Engine:
             grid = dec_logits.new_zeros(R * nq, self.vocab_size).index_copy_(0, plan.decode.grid_index, dec_logits)
             grid = grid.view(R, nq, self.vocab_size)  # [R, Q, V]
             logits = grid[:, 0].clone()  # [R, V]
+        elif dec_logits is not None and plan.decode.dense and dec_logits.shape[0] == R:
+            logits = dec_logits  # [R, V]: already pool rows 0..R-1 in order (a fresh tensor; no copy)
         else:
             logits = torch.zeros(R, self.vocab_size, device=self.device)  # [R, V]
             if dec_logits is not None:

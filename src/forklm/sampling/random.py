@@ -72,14 +72,21 @@ def _uniform_bits(keys: Tensor, token_keys: Tensor) -> Tensor:
     return x.to(torch.float32).add_(0.5).mul_(1.0 / (1 << _MANTISSA_BITS))
 
 
-def uniform(seed: Tensor, sample_index: Tensor, step: Tensor, vocab: int) -> Tensor:
+def vocab_keys(vocab: int, device) -> Tensor:
+    """The per-token keys of `uniform` for token ids 0 .. vocab - 1: [1, V] int64 in [0, 2^32)."""
+    return hash32(torch.arange(vocab, device=device, dtype=torch.int64) ^ _SALT_TOKEN)[None, :]  # [1, V]
+
+
+def uniform(seed: Tensor, sample_index: Tensor, step: Tensor, vocab: int, token_keys: Tensor | None = None) -> Tensor:
     """Uniforms in the open interval (0, 1), deterministic in (seed, sample_index, step, token id).
 
     seed, sample_index, step: [S] int64 on the target device. Returns [S, vocab] float32.
+    token_keys: `vocab_keys(vocab, device)`, when the caller draws several blocks of rows in one step.
     """
     keys = row_keys(seed.long(), sample_index.long(), step.long())  # [S]
-    tokens = torch.arange(vocab, device=keys.device, dtype=torch.int64)  # [V]
-    return _uniform_bits(keys[:, None], hash32(tokens ^ _SALT_TOKEN)[None, :])  # [S, V]
+    if token_keys is None:
+        token_keys = vocab_keys(vocab, keys.device)  # [1, V]
+    return _uniform_bits(keys[:, None], token_keys)  # [S, V]
 
 
 def uniform_at(seed: Tensor, sample_index: Tensor, step: Tensor, token_ids: Tensor) -> Tensor:

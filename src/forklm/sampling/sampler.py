@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from forklm.sampling.random import uniform
+from forklm.sampling.random import uniform, vocab_keys
 from forklm.sampling.tensors import SamplingTensors, TokenHistory
 
 
@@ -62,14 +62,31 @@ def sample(logits: Tensor, t: SamplingTensors, h: TokenHistory) -> SampleResult:
     if t.all_greedy:
         tokens = logits.argmax(dim=-1)  # [S]
     else:
-        u = uniform(t.seeds, t.sample_index, h.generated, t.vocab_size)  # [S, V] in (0, 1)
-        # Exponential race: argmax_i p_i / E_i with E_i = -log(u_i) ~ Exp(1) picks i with
-        # probability p_i; in logs it is Gumbel-max (logit_i - log E_i), so no softmax, cumsum or
-        # multinomial (no device sync), and the winner depends only on each token's own logit and
-        # noise: a 1e-5 shift of the logits (another GEMM shape) flips it only when two perturbed
-        # scores are within 1e-5, unlike inverse-CDF sampling against a cumulative sum.
-        race = u.log_().neg_().log_().neg_().add_(logits)  # [S, V] logits - log(-log u), in place
-        if t.any_greedy:
-            race = torch.where(t.greedy[:, None], logits, race)  # [S, V]
-        tokens = race.argmax(dim=-1)  # [S]
+        s, v = logits.shape
+        # Eagerly the draw is ~16 elementwise passes over [S, V]: blocks of rows that stay in the
+        # CPU's caches run them 2x faster (S=64, V=49152: 16.5 -> 8 ms). Compiled: one fused loop.
+        block = s if torch.compiler.is_compiling() or logits.device.type != "cpu" else max(1, RACE_BLOCK // v)
+        token_keys, step = vocab_keys(v, logits.device), h.generated  # [1, V], [S]
+        parts = [_race(logits[r : r + block], t, step, slice(r, r + block), token_keys) for r in range(0, s, block)]
+        tokens = parts[0] if len(parts) == 1 else torch.cat(parts)  # [S]
     return compute_logprobs(logits, tokens, t.max_logprobs)
+
+
+RACE_BLOCK = 1 << 18  # elements of [S, V] per block of the eager draw (1 MB of float32)
+
+
+def _race(logits: Tensor, t: SamplingTensors, step: Tensor, rows: slice, token_keys: Tensor) -> Tensor:
+    """The draw of `rows` (logits [b, V], the rows' slice of the batch; step [S] tokens generated per
+    row) -> tokens [b].
+
+    Exponential race: argmax_i p_i / E_i with E_i = -log(u_i) ~ Exp(1) picks i with probability p_i;
+    in logs it is Gumbel-max (logit_i - log E_i), so no softmax, cumsum or multinomial (no device
+    sync), and the winner depends only on each token's own logit and noise: a 1e-5 shift of the
+    logits (another GEMM shape) flips it only when two perturbed scores are within 1e-5, unlike
+    inverse-CDF sampling against a cumulative sum.
+    """
+    u = uniform(t.seeds[rows], t.sample_index[rows], step[rows], t.vocab_size, token_keys)  # [b, V] in (0, 1)
+    race = u.log_().neg_().log_().neg_().add_(logits)  # [b, V] logits - log(-log u), in place
+    if t.any_greedy:
+        race = torch.where(t.greedy[rows, None], logits, race)  # [b, V]
+    return race.argmax(dim=-1)  # [b]
