@@ -36,9 +36,12 @@ PROBE_BYTES = 32 << 20  # float32 weight bytes timed per distinct shape
 # than the last-level cache; a probe on cache-resident weights timed int4 and int8 alike, while streamed
 # int4 ran 2x as fast: cpu_linear.py)
 EVICT_BYTES = 64 << 20
-MARGIN = 0.05  # another kernel replaces "dense" at a row count only when this much faster (fewer copies kept)
+# another kernel replaces "dense" at a row count only when this much faster: each kept kernel holds one more
+# copy of its weights (the embedded model's head: fp16 5% ahead at one row kept 57 MB more; a few percent
+# is also within what a probe's repeats vary by)
+MARGIN = 0.15
 BUSY_CORES = 0.3  # other processes using this many more cores than our threads left free: a probe not cached
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 
 
 @dataclass(frozen=True)
