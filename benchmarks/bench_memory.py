@@ -3,7 +3,7 @@ with `LLM(**config)` (the embedded SmolLM2 GGUF unless the config names one) and
 samples on an L-token prompt with T new tokens; it reports VmHWM (the peak resident memory) and VmRSS after the
 load and after the call. The same process then times `generate` end to end: ms per decode step = (t(T+1 new
 tokens) - t(1)) / T, the best of --reps pairs, each call on a fresh random prompt (the prefix cache makes a
-repeated prompt free). --arms label=SRC runs every cell with forklm from other source trees (SRC on PYTHONPATH:
+repeated prompt free). --arms label=SRC (a checkout or its src/) runs every cell with forklm from other source trees (SRC on PYTHONPATH:
 an A/B of commits, the arms alternating run by run). With --llama-batched-bench and --llama-gguf, llama.cpp's
 `llama-batched-bench` runs the same cell (one prompt shared by n sequences, -kvu, as in bench_peers.py) and its
 peak resident memory is its process's ru_maxrss.
@@ -54,7 +54,7 @@ out["after_call"] = mem()
 steps = [(call(T + 1) - call(1)) / T for _ in range(reps)]
 out["step_ms"], out["reps_step_ms"] = 1e3 * min(steps), [1e3 * s for s in steps]
 out["dtype"], out["precision"] = str(llm.dtype), llm.precision_summary()
-out["load_avg"] = os.getloadavg()[0]
+out["load_avg"], out["forklm"] = os.getloadavg()[0], os.path.dirname(os.path.dirname(__import__("forklm").__file__))
 print(json.dumps(out))
 """
 
@@ -69,12 +69,17 @@ print(json.dumps({"rc": p.returncode, "maxrss_mib": resource.getrusage(resource.
 
 
 def forklm_run(src: str, cfg: dict, n: int, L: int, T: int, reps: int) -> dict:
+    """One process with forklm imported from `src` (a checkout's root or its src/ folder)."""
+    if (Path(src) / "src" / "forklm").is_dir():
+        src = str(Path(src) / "src")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cfg), str(n), str(L), str(T), str(reps)],
                        capture_output=True, text=True, env=env, timeout=1800)
     if p.returncode:
         raise RuntimeError(f"forklm run failed (rc {p.returncode}): {p.stderr[-600:]}")
     res = json.loads(p.stdout.strip().splitlines()[-1])
+    if Path(res["forklm"]).resolve() != Path(src).resolve():
+        raise RuntimeError(f"the run imported forklm from {res['forklm']}, not {src}")
     commit = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                            text=True)

@@ -52,30 +52,6 @@ def _child(code: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-RSS_AFTER_FREES = """
-    import ctypes, json, sys
-    import torch
-    from forklm.host import return_large_frees
-    took = return_large_frees() if sys.argv[-1] == "fixed" else None
-    def rss_mb():
-        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
-    big = torch.ones(16 << 18)  # 16 MB freed: by default glibc's threshold rises above the next tensors' size
-    del big
-    before = rss_mb()
-    chunks = [torch.ones(1 << 18) for _ in range(64)]  # 64 x 1 MB
-    last = chunks.pop()
-    del chunks  # all but the newest freed; in the heap the newest keeps the freed ones from being trimmed
-    print(json.dumps({"took": took, "held_mb": rss_mb() - before}))
-"""
-
-
-def test_return_large_frees_gives_freed_tensors_back_to_the_os():
-    default, fixed = _child(RSS_AFTER_FREES, "default"), _child(RSS_AFTER_FREES, "fixed")
-    assert fixed["took"] is True
-    assert default["held_mb"] > 40, default  # glibc kept the 63 freed MB in the process
-    assert fixed["held_mb"] < 8, fixed  # each was its own mapping, handed back when freed
-
-
 def test_eager_llm_does_not_import_the_compiler(hf_models):
     # building the model on the meta device once imported torch._dynamo (73 MB resident, ~1 s) for an
     # embedding's random init; an eager LLM needs none of it

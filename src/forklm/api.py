@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import apply_weight_updates, load_checkpoint, weight_updates
 from .compile import bucket
-from .host import auto_dtype, release_free_heap, return_large_frees
+from .host import auto_dtype, release_free_heap
 from .linear_choice import prepare_cpu_linears
 from .quant import QUANTIZATIONS, quantize_linears, quantize_values, unquantizable
 from .engine import Engine, check_context
@@ -69,8 +69,7 @@ class LLM:
     quantization: None (weights as the checkpoint stores them) | "int8" (every linear weight rounded
         to GGUF Q8_0: groups of 32, one scale) | "int4" (GGUF Q4_1: groups of 32, scale and minimum);
         see quant.py. A GGUF file's own quantized blocks are used as they are either way.
-    device: "cpu" | "cuda" | "cuda:N". On CPU, LLM fixes glibc's mmap threshold for the whole process so
-        that large freed tensors go back to the OS (host.return_large_frees; peak memory).
+    device: "cpu" | "cuda" | "cuda:N".
     kv_layout: "bifurcated" (the prompt's K/V stored once for all its samples; default) or
         "replicated" (copied per sample; the reference and baseline).
     compile: compile the decode step with torch.compile.
@@ -122,8 +121,6 @@ class LLM:
             raise InvalidParameterError("device", "CUDA is not available on this machine")
         if not 0 < memory_fraction <= 1:
             raise InvalidParameterError("memory_fraction", "must be in (0, 1]")
-        if self.device.type == "cpu":
-            return_large_frees()  # process-wide: large freed tensors go back to the OS (host.py; peak memory)
         if model is None:
             from .default_model import default_model_path
 

@@ -63,12 +63,6 @@ def auto_dtype(checkpoint_dtype: str | None, device: torch.device) -> tuple[str,
     return "float32", "this CPU has no native bfloat16 (no AMX or AVX512-BF16)"
 
 
-# glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD)
-_M_MMAP_THRESHOLD = -3
-# 64 KiB: every tensor larger than this lives in its own mapping, handed back when it is freed
-MMAP_THRESHOLD_BYTES = 1 << 16
-
-
 def _libc():
     if platform.system() != "Linux":
         return None
@@ -77,24 +71,6 @@ def _libc():
     except OSError as e:
         log.debug("libc unavailable: %s", e)
         return None
-
-
-def return_large_frees() -> bool:
-    """Make glibc give every large freed block back to the OS at once (a fixed mmap threshold).
-
-    By default glibc raises its mmap threshold to the size of each large block freed (up to 32 MB),
-    so that later tensors of a few MB come from the heap and their memory, once freed, stays in the
-    process (benchmarks/results/memory_n64_L2048.md: the embedded model's load and one n=64,
-    2048-token call, with and without). Every thread's allocations are affected, process-wide, for
-    the life of the process; a tensor of more than 64 KiB then costs an mmap and page faults when it
-    is allocated (the step times in that file). Returns whether glibc took the setting (False off glibc)."""
-    libc = _libc()
-    if libc is None:
-        return False
-    try:
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except AttributeError:
-        return False
 
 
 def release_free_heap() -> None:
