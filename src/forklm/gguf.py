@@ -131,7 +131,11 @@ def load_gguf(path: str | Path, dtype) -> GGUFCheckpoint:
     bos_token_id, eos_token_ids = _special_ids(tokenizer, metadata)
     config["bos_token_id"] = bos_token_id
     config["eos_token_id"] = eos_token_ids[0] if eos_token_ids else None
-    tensors, low_precision = _load_tensors(reader, architecture, config, dtype, path)
+    infos = [_TensorInfo.of(t) for t in reader.tensors]
+    # the reader's parsed fields hold ~150 MB of small arrays for a 49152-token vocabulary (measured on the
+    # embedded model): gone before any tensor is loaded
+    del reader
+    tensors, low_precision = _load_tensors(infos, architecture, config, dtype, path)
     return GGUFCheckpoint(
         config=config,
         tensors=tensors,
@@ -144,8 +148,26 @@ def load_gguf(path: str | Path, dtype) -> GGUFCheckpoint:
     )
 
 
+@dataclass(frozen=True)
+class _TensorInfo:
+    """Where one tensor's bytes are in the file, and how to read them (from a GGUFReader's tensor)."""
+
+    name: str
+    tensor_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # GGUF order: the fastest dimension first
+    raw_shape: tuple[int, ...]  # the raw array: (rows, ..., bytes per row) for quantized types
+    raw_dtype: np.dtype  # uint8 for quantized types, else the element type
+    offset: int  # of the first byte in the file
+    n_bytes: int
+
+    @staticmethod
+    def of(tensor: Any) -> "_TensorInfo":
+        return _TensorInfo(tensor.name, tensor.tensor_type, tuple(int(d) for d in tensor.shape),
+                           tuple(tensor.data.shape), tensor.data.dtype, int(tensor.data_offset), int(tensor.n_bytes))
+
+
 def _load_tensors(
-    reader: gguf.GGUFReader, arch: _Architecture, config: dict, dtype: torch.dtype, path: Path
+    infos: list[_TensorInfo], arch: _Architecture, config: dict, dtype: torch.dtype, path: Path
 ) -> tuple[dict[str, torch.Tensor], set[str]]:
     """Every tensor under its Hugging Face name, dequantized one at a time, and the names of those
     the file stores in a low-precision type (quant.LOW_PRECISION_TYPES).
@@ -153,14 +175,15 @@ def _load_tensors(
     `rope_freqs.weight` is not a weight: it becomes config["rope_scaling"].
     """
     tensors, low_precision = {}, set()
-    for tensor in reader.tensors:
-        if tensor.name == _ROPE_FREQS and arch.model_type == "llama":
-            config["rope_scaling"] = _llama3_rope_scaling(_dequantize(tensor, path), config, path)
-            continue
-        hf_name, value = _convert_tensor(tensor, arch, config, dtype, path)
-        tensors[hf_name] = value
-        if tensor.tensor_type.name in LOW_PRECISION_TYPES:
-            low_precision.add(hf_name)
+    with open(path, "rb") as handle:  # read, not mapped: the file's pages are not held in this process
+        for tensor in infos:
+            if tensor.name == _ROPE_FREQS and arch.model_type == "llama":
+                config["rope_scaling"] = _llama3_rope_scaling(_dequantize(tensor, handle, path), config, path)
+                continue
+            hf_name, value = _convert_tensor(tensor, handle, arch, config, dtype, path)
+            tensors[hf_name] = value
+            if tensor.tensor_type.name in LOW_PRECISION_TYPES:
+                low_precision.add(hf_name)
     return tensors, low_precision
 
 
@@ -408,11 +431,11 @@ def _llama3_rope_divisors(head_dim: int, theta: float, scaling: dict) -> torch.T
 
 
 def _convert_tensor(
-    tensor: Any, arch: _Architecture, config: dict, dtype: torch.dtype, path: Path
+    tensor: _TensorInfo, handle, arch: _Architecture, config: dict, dtype: torch.dtype, path: Path
 ) -> tuple[str, torch.Tensor]:
     """One GGUF tensor as (Hugging Face name, dequantized tensor in Hugging Face layout)."""
     hf_name, base = _hf_name(tensor.name, arch, path)
-    value = _dequantize(tensor, path).to(dtype)
+    value = _dequantize(tensor, handle, path, dtype)
     if arch.permute_qk and base in ("attn_q", "attn_k"):
         heads = config["num_attention_heads"] if base == "attn_q" else config["num_key_value_heads"]
         value = _unpermute_rotary_rows(value, heads, tensor.name, path)
@@ -434,23 +457,52 @@ def _hf_name(name: str, arch: _Architecture, path: Path) -> tuple[str, str]:
     raise CheckpointError(f"{path}: tensor {name!r} is not one forklm knows for a {arch.model_type} model")
 
 
-def _dequantize(tensor: Any, path: Path) -> torch.Tensor:
-    """A float32 tensor of the GGUF tensor's values, shaped (rows, ..., columns)."""
+# rows dequantized at a time: float32 temporaries of a block, not of a 49152-row embedding (peak memory at load)
+DEQUANT_BLOCK_ROWS = 4096
+
+
+def _dequantize(tensor: _TensorInfo, handle, path: Path, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A `dtype` tensor of the GGUF tensor's values, shaped (rows, ..., columns), read from the open file;
+    a 2-D quantized tensor is read and dequantized DEQUANT_BLOCK_ROWS rows at a time into its `dtype` copy."""
+    shape = tuple(reversed(tensor.shape))  # (rows, ..., columns), Hugging Face order
+    raw = tensor.raw_shape
+    if len(shape) == 2 and len(raw) == 2 and raw[0] == shape[0] and tensor.raw_dtype == np.uint8:
+        out = torch.empty(shape, dtype=dtype)
+        for a in range(0, shape[0], DEQUANT_BLOCK_ROWS):
+            rows = min(DEQUANT_BLOCK_ROWS, shape[0] - a)
+            data = _read(handle, tensor, a * raw[1], (rows, raw[1]), path)
+            block = _dequantize_rows(tensor, data, path)  # [rows, columns] float32
+            if block.shape != (rows, shape[1]):
+                raise CheckpointError(f"{path}: tensor {tensor.name!r} has rows of {block.shape[-1]} values, "
+                                      f"expected shape {shape}")
+            out[a:a + rows] = torch.from_numpy(block)
+        return out
+    array = _dequantize_rows(tensor, _read(handle, tensor, 0, raw, path), path)
+    if array.size != math.prod(shape):
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} has {array.size} values, expected shape {shape}")
+    return torch.from_numpy(array.reshape(shape)).to(dtype)
+
+
+def _read(handle, tensor: _TensorInfo, start: int, raw_shape: tuple[int, ...], path: Path) -> np.ndarray:
+    """The raw array of raw_shape at byte `start` of the tensor's data (a writable copy)."""
+    buf = bytearray(math.prod(raw_shape) * tensor.raw_dtype.itemsize)
+    handle.seek(tensor.offset + start)
+    if handle.readinto(buf) != len(buf):
+        raise CheckpointError(f"{path}: truncated or corrupt GGUF file: tensor {tensor.name!r} extends past "
+                              "the end of the file")
+    return np.frombuffer(buf, dtype=tensor.raw_dtype).reshape(raw_shape)
+
+
+def _dequantize_rows(tensor: _TensorInfo, data: np.ndarray, path: Path) -> np.ndarray:
+    """float32 values of `data`, some of the GGUF tensor's raw rows (or all of it)."""
     try:
-        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        return np.asarray(gguf.quants.dequantize(data, tensor.tensor_type), dtype=np.float32)
     except NotImplementedError:
         raise CheckpointError(
             f"{path}: tensor {tensor.name!r}: quantization {tensor.tensor_type.name} is not supported"
         ) from None
     except (ValueError, IndexError) as error:
         raise CheckpointError(f"{path}: tensor {tensor.name!r} is corrupt ({error})") from None
-    shape = tuple(int(d) for d in reversed(tensor.shape))  # GGUF lists the fastest dimension first
-    if array.size != math.prod(shape):
-        raise CheckpointError(f"{path}: tensor {tensor.name!r} has {array.size} values, expected shape {shape}")
-    array = array.reshape(shape)  # (rows, ..., columns), Hugging Face order
-    if not array.flags.writeable:  # a view of the memory-mapped file (F32): copy it out
-        array = np.array(array)
-    return torch.from_numpy(array)
 
 
 def _unpermute_rotary_rows(weight: torch.Tensor, n_heads: int, name: str, path: Path) -> torch.Tensor:
