@@ -129,9 +129,9 @@ def test_prepare_cpu_linears_gives_named_low_precision_linears_the_measured_kern
     prepare_cpu_linears(model, {"0", "3"}, tmp_path)
     for i, dtype, shapes in ((0, torch.float32, {(64, 32): 1}), (3, torch.bfloat16, {(8, 32): 1})):
         choice = choose_kernels(shapes, dtype, tmp_path)  # cached by the call above
-        if choice.only_dense:
-            assert type(model[i]) is (PackedLinear if dtype == torch.float32 else nn.Linear)
-        else:
+        if choice.only_dense and dtype == torch.float32:
+            assert type(model[i]) is PackedLinear
+        else:  # bfloat16 "dense" is LowPrecisionLinear's packed dense kernel: the one that was measured
             assert isinstance(model[i], LowPrecisionLinear) and model[i].kernels == choice.kernels
     assert isinstance(model[2], PackedLinear)  # exact float32 values: always the exact kernel
     assert type(model[4]) is nn.Linear  # exact bfloat16 values: as it is
@@ -146,8 +146,8 @@ def test_embedded_model_runs_its_quantized_blocks_at_low_precision_only_under_au
     lows = [m for m in auto.model.modules() if isinstance(m, LowPrecisionLinear)]
     assert not any(isinstance(m, LowPrecisionLinear) for m in exact.model.modules())
     # every linear of the file is a Q4_1 / Q8_0 block tensor, the tied head (Q8_0 embedding) included: the
-    # Q4_1 block linears (on int4's grid) share one measured menu, the head has its own; a group whose
-    # measurement said "dense at every row count" keeps its plain linears
+    # Q4_1 block linears (on int4's grid) share one measured menu, the head has its own; a float32 group
+    # whose measurement said "dense at every row count" keeps its linears (oneDNN-packed)
     blocks = [m for n, m in auto.model.named_modules() if isinstance(m, LowPrecisionLinear) and n != "lm_head"]
     assert len(blocks) in (0, 7 * auto.config.n_layers)
     assert len({m.kernels for m in blocks}) <= 1 and all(m.describe() in auto.precision_summary() for m in lows)

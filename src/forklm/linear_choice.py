@@ -37,8 +37,8 @@ PROBE_BYTES = 32 << 20  # float32 weight bytes timed per distinct shape
 # int4 ran 2x as fast: cpu_linear.py)
 EVICT_BYTES = 64 << 20
 # another kernel replaces "dense" at a row count only when this much faster: each kept kernel holds one more
-# copy of its weights (the embedded model's head: fp16 5% ahead at one row kept 57 MB more; a few percent
-# is also within what a probe's repeats vary by)
+# copy of its weights (the embedded model's head: fp16 5% ahead of dense at one row held 57 MB more; a few
+# percent is also within what a probe's repeats vary by)
 MARGIN = 0.15
 BUSY_CORES = 0.3  # other processes using this many more cores than our threads left free: a probe not cached
 CACHE_VERSION = 6
@@ -197,7 +197,7 @@ def measure(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype, names: Se
 def prepare_cpu_linears(model: torch.nn.Module, low_precision: set[str], directory: Path | None = None) -> None:
     """Give every linear of a CPU model its kernel, in place: the float32 or bfloat16 linears named in
     `low_precision` (values already low precision) run this host's measured kernels per row count
-    where any beats the dense one; every other float32 linear runs oneDNN-packed (cpu_linear.py)."""
+    ("dense" unless another beats it); every other float32 linear runs oneDNN-packed (cpu_linear.py)."""
     from .cpu_linear import (INT4_KERNELS, KERNELS, is_cpu_linear, on_int4_grid, pack_linears, packing_available,
                              use_low_precision_linears)
 
@@ -213,7 +213,10 @@ def prepare_cpu_linears(model: torch.nn.Module, low_precision: set[str], directo
         if dtype == torch.float32 and not packing_available():
             continue
         choice = choose_kernels(counts, dtype, directory, int4_grid=grid)
-        if not choice.only_dense:  # swaps module by module, so old weights go as new ones come (peak memory)
+        # what was measured as "dense" is LowPrecisionLinear's (oneDNN-packed where torch has it; a plain
+        # bfloat16 nn.Linear took 1.6x as long on the embedded model's head at one row); float32 ones are
+        # packed alike by pack_linears below. Swapped module by module: old weights go as new ones come
+        if not (choice.only_dense and dtype == torch.float32):
             use_low_precision_linears(model, names, choice.kernels, dtype)
     pack_linears(model)
 
