@@ -10,6 +10,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize, quantize
 
+import forklm.gguf
 from forklm.errors import CheckpointError, ModelNotAvailableError, UnsupportedModelError
 from forklm.gguf import load_gguf
 
@@ -234,8 +235,9 @@ QUANT_TOLERANCE = {Q.F32: 0.0, Q.F16: 2e-3, Q.BF16: 1.6e-2, Q.Q8_0: 2e-2, Q.Q4_0
 
 
 @pytest.mark.parametrize("qtype", list(QUANT_TOLERANCE), ids=lambda q: q.name)
-def test_tiny_quantized_llama(tmp_path, qtype):
-    """Every 2-D weight stored as `qtype` dequantizes to the original within its quantization error."""
+def test_tiny_quantized_llama(tmp_path, qtype, monkeypatch):
+    """Every 2-D weight stored as `qtype` dequantizes to the original within its quantization error, and
+    the same whether the file is read and dequantized a few rows at a time or whole."""
     weights = _tiny_llama_tensors(np.random.default_rng(0))
     path = tmp_path / "tiny.gguf"
     writer = gguf.GGUFWriter(path, "llama")
@@ -258,6 +260,11 @@ def test_tiny_quantized_llama(tmp_path, qtype):
         assert loaded.shape == original.shape, name
         error = (loaded - torch.from_numpy(original)).abs().max().item()
         assert error <= QUANT_TOLERANCE[qtype] * np.abs(original).max(), (name, error)
+    whole_bf16 = load_gguf(path, torch.bfloat16).tensors
+    monkeypatch.setattr(forklm.gguf, "DEQUANT_BLOCK_ROWS", 3)  # blocks of 3 rows: the last one short
+    for dtype, whole in ((torch.float32, checkpoint.tensors), (torch.bfloat16, whole_bf16)):
+        blocked = load_gguf(path, dtype).tensors
+        assert all(blocked[n].dtype == dtype and torch.equal(blocked[n], whole[n]) for n in whole)
 
 
 def test_tiny_file_loads_in_requested_dtype(tmp_path):
