@@ -124,13 +124,13 @@ def main() -> None:
             rows.append({"engine": f"forklm {label} ({r['commit']})", "run": run + 1,
                          "load_peak": r["after_load"]["VmHWM"], "load_rss": r["after_load"]["VmRSS"],
                          "peak": r["after_call"]["VmHWM"], "call_rss": r["after_call"]["VmRSS"],
-                         "step_ms": r["step_ms"], "load_avg": r["load_avg"], "raw": r})
+                         "step_ms": r["step_ms"], "load_s": r["load_s"], "load_avg": r["load_avg"], "raw": r})
             print(rows[-1]["engine"], {k: round(v, 1) for k, v in rows[-1].items() if isinstance(v, float)}, flush=True)
         if args.llama_batched_bench and args.llama_gguf:
             r = llama_run(args.llama_batched_bench, args.llama_gguf, args.n, args.len, args.gen_tokens, args.threads)
             rows.append({"engine": f"llama.cpp ({Path(args.llama_gguf).name})", "run": run + 1, "load_peak": float("nan"),
                          "load_rss": float("nan"), "peak": r["peak_mib"], "call_rss": float("nan"),
-                         "step_ms": r["step_ms"], "load_avg": r["load_avg"], "raw": r})
+                         "step_ms": r["step_ms"], "load_s": float("nan"), "load_avg": r["load_avg"], "raw": r})
             print(rows[-1]["engine"], round(r["peak_mib"], 1), round(r["step_ms"], 1), flush=True)
     out = Path(args.out)
     res = {"host": report.host(), "command": report.command(), "n": args.n, "L": args.len, "T": args.gen_tokens,
@@ -138,13 +138,13 @@ def main() -> None:
     note = (f"One fresh process per row: load, then one generate call of n={args.n} samples on an L={args.len}-token "
             f"prompt, T={args.gen_tokens} new tokens. Memory in MiB: VmHWM (peak resident) and VmRSS after the load "
             "and after the call (llama.cpp: its process's peak, ru_maxrss). ms/step: generate end to end, "
-            "(t(T+1) - t(1)) / T, best of the process's pairs (llama.cpp: its t_tg / T). load avg: the 1-minute "
+            "(t(T+1) - t(1)) / T, best of the process's pairs (llama.cpp: its t_tg / T). load s: `LLM()`'s time. load avg: the 1-minute "
             "load when the row ended (2 cores; ~1-2 is this benchmark alone).")
     report.write(out, res, f"Peak memory, n={args.n}, L={args.len}", note,
                  [("engine", "engine", "{}"), ("run", "run", "{}"), ("peak after load", "load_peak", "{:.0f}"),
                   ("resident after load", "load_rss", "{:.0f}"), ("peak after the call", "peak", "{:.0f}"),
                   ("resident after the call", "call_rss", "{:.0f}"), ("ms/step", "step_ms", "{:.1f}"),
-                  ("load avg", "load_avg", "{:.2f}")], rows)
+                  ("load s", "load_s", "{:.1f}"), ("load avg", "load_avg", "{:.2f}")], rows)
     plot(out.with_suffix(".png"), rows, f"Peak resident memory, n={args.n}, L={args.len}")
 
 
