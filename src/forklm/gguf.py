@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import mmap
-import os
 import re
 import struct
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ import numpy as np
 import torch
 
 from forklm.errors import CheckpointError, TokenizerError, UnsupportedModelError
-from forklm.host import cache_dir
+from forklm.host import cache_dir, write_cache_file
 from forklm.quant import LOW_PRECISION_TYPES
 from forklm.tokenizer import GGUF_TOKENIZER_MODELS, Tokenizer
 
@@ -149,7 +148,7 @@ def load_gguf(path: str | Path, dtype) -> GGUFCheckpoint:
 
 
 # bump when what _read_header caches changes
-HEADER_CACHE_VERSION = 1
+HEADER_CACHE_VERSION = 2
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], list[_TensorInfo]]:
@@ -175,10 +174,8 @@ def _read_header(path: Path) -> tuple[dict[str, Any], list[_TensorInfo]]:
     del reader  # its parsed fields: ~150 MB of small arrays (above), gone before any tensor loads
     if cached is not None:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"key": key, "metadata": metadata, "tensors": [t.to_json() for t in infos]}))
-            tmp.replace(cached)
+            write_cache_file(cached, json.dumps({"key": key, "metadata": metadata,
+                                                 "tensors": [t.to_json() for t in infos]}))
         except (OSError, TypeError, ValueError) as error:  # unwritable, or a value JSON cannot hold
             logger.debug("GGUF header of %s not cached: %s", path, error)
     return metadata, infos
@@ -194,22 +191,21 @@ class _TensorInfo:
     raw_shape: tuple[int, ...]  # the raw array: (rows, ..., bytes per row) for quantized types
     raw_dtype: np.dtype  # uint8 for quantized types, else the element type
     offset: int  # of the first byte in the file
-    n_bytes: int
 
     @staticmethod
     def of(tensor: Any) -> "_TensorInfo":
         return _TensorInfo(tensor.name, tensor.tensor_type, tuple(int(d) for d in tensor.shape),
-                           tuple(tensor.data.shape), tensor.data.dtype, int(tensor.data_offset), int(tensor.n_bytes))
+                           tuple(tensor.data.shape), tensor.data.dtype, int(tensor.data_offset))
 
     def to_json(self) -> list:
         return [self.name, int(self.tensor_type), list(self.shape), list(self.raw_shape), self.raw_dtype.str,
-                self.offset, self.n_bytes]
+                self.offset]
 
     @staticmethod
     def from_json(v: list) -> "_TensorInfo":
-        name, kind, shape, raw_shape, raw_dtype, offset, n_bytes = v
+        name, kind, shape, raw_shape, raw_dtype, offset = v
         return _TensorInfo(str(name), gguf.GGMLQuantizationType(kind), tuple(shape), tuple(raw_shape),
-                           np.dtype(raw_dtype), int(offset), int(n_bytes))
+                           np.dtype(raw_dtype), int(offset))
 
 
 def _load_tensors(

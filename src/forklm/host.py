@@ -71,6 +71,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "forklm"
 
 
+def write_cache_file(path: Path, text: str) -> None:
+    """Write a cache entry atomically (another process reads either the old file or the new one);
+    raises OSError where it cannot."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def release_free_heap() -> None:
     """Hand the C heap's freed pages back to the OS (glibc's malloc_trim). Loading a checkpoint frees
     hundreds of MB of transient float32 copies that glibc otherwise keeps in the process (the

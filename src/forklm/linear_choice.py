@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .host import OthersMeter, cache_dir, cpu_model
+from .host import OthersMeter, cache_dir, cpu_model, write_cache_file
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,7 @@ def choose_kernels(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype,
                     "used now but not cached, so the next start measures again", busy)
         return choice
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "choice": asdict(choice)}, indent=1))
-        tmp.replace(path)
+        write_cache_file(path, json.dumps({"key": key, "choice": asdict(choice)}, indent=1))
     except OSError as e:
         log.warning("could not cache the linear kernel choice in %s (%s); it will be measured again", path, e)
     return choice
