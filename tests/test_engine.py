@@ -36,20 +36,27 @@ def test_bifurcated_equals_replicated(hf_models, family):
 def test_compiled_decode_equals_eager(folder):
     from torch._dynamo.utils import counters
 
-    p = SamplingParams(n=4, max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
-    eager_llm, compiled_llm = LLM(folder), LLM(folder, compile=True)
-    eager = eager_llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=p)
-    compiled = compiled_llm.generate(prompt_token_ids=PROMPTS[:2], sampling_params=p)
-    assert tokens(eager) == tokens(compiled)
-    # a call of nearby sizes (same buckets: prompts 21 -> 19 tokens, 12 -> 10 new, 8 -> 7 rows) reuses
-    # the compiled graphs
+    # (a fixed thread count: each count the engine switches to is another graph, as inductor's kernels bake it in)
+    eager_llm, compiled_llm = LLM(folder), LLM(folder, compile=True, adaptive_threads=False)
+
+    def both(prompts, params):
+        compiled = compiled_llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        assert tokens(compiled) == tokens(eager_llm.generate(prompt_token_ids=prompts, sampling_params=params,
+                                                             use_tqdm=False))
+
+    # 8 rows, one row (a graph of its own: torch specializes sizes of 1), then 3 rows: a second size above
+    # one makes the graphs dynamic in the batch
+    both(PROMPTS[:2], SamplingParams(n=4, max_tokens=12, temperature=1.0, seed=3, ignore_eos=True))
+    both(PROMPTS[2:3], SamplingParams(n=1, max_tokens=6, temperature=0.9, seed=4, ignore_eos=True))
+    both(PROMPTS[2:3], SamplingParams(n=3, max_tokens=4, temperature=0.9, seed=7, ignore_eos=True))
     graphs = counters["stats"]["unique_graphs"]
+    # other batch sizes (7 rows, samples finishing early, new prompt lengths, top-k) compile nothing more:
+    # the batch follows the live rows, not a padded engine shape
     p2 = [SamplingParams(n=3, max_tokens=10, temperature=0.7, seed=5, ignore_eos=True),
           SamplingParams(n=4, max_tokens=9, temperature=1.0, top_k=20, seed=6, ignore_eos=True)]
-    prompts = [PROMPTS[1][:19], PROMPTS[0]]
-    again = compiled_llm.generate(prompt_token_ids=prompts, sampling_params=p2)
+    both([PROMPTS[1][:19], PROMPTS[0]], p2)
+    both([PROMPTS[0][:7]], SamplingParams(n=6, max_tokens=5, temperature=1.0, seed=8, min_tokens=0, ignore_eos=True))
     assert counters["stats"]["unique_graphs"] == graphs
-    assert tokens(again) == tokens(eager_llm.generate(prompt_token_ids=prompts, sampling_params=p2))
 
 
 def test_each_prompt_has_its_own_n_and_params(folder):

@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .checkpoint import apply_weight_updates, load_checkpoint, weight_updates
-from .compile import bucket
 from .host import auto_dtype, release_free_heap
 from .linear_choice import prepare_cpu_linears
 from .quant import QUANTIZATIONS, quantize_linears, quantize_values, unquantizable
@@ -243,22 +242,13 @@ class LLM:
         return Engine(self.model, storage, shape, self.tokenizer, self.eos_token_ids, **args)
 
     def engine(self, shape: CacheShape) -> Engine:
-        """This LLM's one engine, grown (between calls) to at least `shape`; its prefix cache is kept.
-        When compiling, sizes are rounded up to buckets (compile.bucket) so that later calls of nearby
-        sizes reuse the compiled graphs, unless the padded sizes would not fit."""
+        """This LLM's one engine, grown (between calls) to at least `shape`; its prefix cache is kept."""
         old = self._engine
         if old is not None:
             s = old.shape
             shape = CacheShape(*(max(getattr(s, f), getattr(shape, f)) for f in _SHAPE_FIELDS))
             if shape == s:
                 return old
-        if self.compile:
-            padded = CacheShape(*(bucket(getattr(shape, f)) for f in _SHAPE_FIELDS))
-            try:
-                self._check_fits(padded, self.memory_budget())
-                shape = padded
-            except CapacityError:
-                pass
         if old is None:
             self._engine = self.make_engine(shape)
         else:

@@ -12,23 +12,11 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 
-def bucket(x: int) -> int:
-    """The smallest of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (2^k and 3 * 2^k) that is >= x.
-
-    Compiled engines are sized to buckets so that calls of nearby sizes reuse one graph instead of
-    compiling again (tens of seconds each on a small CPU); the padding costs at most 50% of a dimension.
-    """
-    if x <= 2:
-        return max(x, 1)
-    p = 1 << (x - 1).bit_length()  # the power of two >= x
-    return 3 * p // 4 if 3 * p // 4 >= x else p
-
-
 def with_eager_fallback(compiled: Callable, eager: Callable, name: str) -> Callable:
     """`compiled`, falling back to `eager` for good once torch.compile refuses to recompile.
 
-    Each engine shape (prompt length, samples, ...) is a new graph of the same function; past
-    dynamo's recompile limit (8) the compiled call raises instead of running.
+    A call whose shapes or branches the graphs so far do not cover compiles another one; past dynamo's
+    recompile limit (8) the compiled call raises instead of running.
     """
     state = {"fn": compiled}
 
@@ -54,46 +42,48 @@ def make_sample_fn(compile: bool) -> Callable:
 
     if not compile:
         return sample
-    return with_eager_fallback(torch.compile(sample, fullgraph=True, dynamic=False), sample, "sampler")
+    # dynamic from the start: one graph for one row, one for every other row count (the batch follows the load)
+    return with_eager_fallback(torch.compile(sample, fullgraph=True, dynamic=True), sample, "sampler")
 
 
-def _embed(model, tokens: Tensor, positions: Tensor):
-    return model.embed(tokens, positions)  # [N, L] -> [N, L, E], rope
+def _first(model, block, tokens: Tensor, positions: Tensor):
+    x, rope = model.embed(tokens, positions)  # [N, L] -> [N, L, E], rope
+    return x, rope, block.attention_inputs(x, rope)  # q, k, v of the first layer
 
 
-def _pre(block, x: Tensor, rope):
-    return block.attention_inputs(x, rope)  # [N, L, E] -> q, k, v
+def _between(block, following, x: Tensor, o: Tensor, rope):
+    x = block.finish(x, o)  # [N, L, E], [N, H, L, D] -> [N, L, E]
+    return x, following.attention_inputs(x, rope)  # the following layer's q, k, v
 
 
-def _post(block, x: Tensor, o: Tensor) -> Tensor:
-    return block.finish(x, o)  # [N, L, E], [N, H, L, D] -> [N, L, E]
-
-
-def _head(model, x: Tensor) -> Tensor:
-    return model.head(x[:, -1])  # [N, L, E] -> [N, V]
+def _last(model, block, x: Tensor, o: Tensor) -> Tensor:
+    return model.head(block.finish(x, o)[:, -1])  # [N, L, E] -> [N, V]
 
 
 @dataclass(frozen=True)
 class LayerFns:
-    """The model's step in four pieces around attention: embed, layer before attention, layer after
-    attention, LM head on the last position. Attention itself runs between them, eagerly, on whatever
-    the step plan holds, so the compiled pieces depend only on the batch size: a new prompt length,
-    prefix tree or level count never recompiles them, and one graph of `pre` / `post` serves every
-    layer (parameters are graph inputs)."""
+    """The model's step in pieces cut at attention, which runs between them, eagerly, on whatever the
+    step plan holds: `first` (embedding and the first layer up to attention), `between` (the rest of
+    one layer and the next one up to attention) and `last` (the rest of the last layer and the LM head on
+    the last position). One call per layer: in eager mode the same operators as the layers' own forward;
+    compiled, what each call of a compiled graph costs (its guards, its wrapper) is paid once per layer,
+    not twice. The compiled pieces depend only on the batch, which follows the live rows: one graph
+    serves one row, and one more every other row count (dynamo makes a size dynamic when it sees a second
+    one above 1; a kernel menu's branch between row counts, or another thread count, adds one). A new
+    prompt length, prefix tree or level count never recompiles them, and one graph of `between` serves
+    every layer (parameters are graph inputs)."""
 
-    embed: Callable
-    pre: Callable
-    post: Callable
-    head: Callable
+    first: Callable
+    between: Callable
+    last: Callable
 
 
 def layer_fns(compile: bool) -> LayerFns:
     if not compile:
-        return LayerFns(_embed, _pre, _post, _head)
+        return LayerFns(_first, _between, _last)
 
     def c(fn, name):
-        return with_eager_fallback(torch.compile(fn, fullgraph=True, dynamic=False), fn, name)
+        return with_eager_fallback(torch.compile(fn, fullgraph=True), fn, name)
 
-    log.info("decode step compiled with torch.compile(fullgraph=True) in four pieces around attention")
-    return LayerFns(c(_embed, "embed"), c(_pre, "layer (pre-attention)"), c(_post, "layer (post-attention)"),
-                    c(_head, "LM head"))
+    log.info("decode step compiled with torch.compile(fullgraph=True), one piece per layer cut at attention")
+    return LayerFns(c(_first, "embedding and first layer"), c(_between, "layer"), c(_last, "last layer and LM head"))

@@ -64,7 +64,7 @@ class Engine:
         self.device = storage.device
         self.replicated = replicated
         self.prefix_cache = PrefixCache(storage, enabled=enable_prefix_caching and not replicated)
-        self._chunk_tokens, self._compile = prefill_chunk_tokens, compile
+        self._chunk_tokens = prefill_chunk_tokens
         self.runner = ModelRunner(model, compile)
         self.output = OutputProcessor(tokenizer, self.eos_token_ids)
         self._sample = make_sample_fn(compile)
@@ -98,8 +98,7 @@ class Engine:
 
     def _size(self, shape: CacheShape) -> None:
         self.shape = shape
-        self.scheduler = Scheduler(self.storage, self.prefix_cache, shape, self.replicated, self._chunk_tokens,
-                                   dense_batch=self._compile)
+        self.scheduler = Scheduler(self.storage, self.prefix_cache, shape, self.replicated, self._chunk_tokens)
         S = shape.max_samples
         self._next_tokens = torch.zeros(S, dtype=torch.long, device=self.device)  # [S] token fed next step
         self._history = TokenHistory(S, shape.max_prompt_len + shape.max_new_tokens, self.vocab_size, self.device)
@@ -243,8 +242,8 @@ class Engine:
                                     f"({self.storage.free_tokens} free tokens, {self.storage.free_rows} free rows)")
             return [], None
         # Sampling runs over pool rows 0..R-1 only (live rows are packed at the front), so its cost follows
-        # the load; compiled, over every row (static shapes).
-        R = self.shape.max_samples if self._compile else max(rows_out) + 1
+        # the load, compiled or not (the compiled graphs are dynamic in the batch).
+        R = max(rows_out) + 1
         producing = torch.zeros(R, dtype=torch.bool, device=self.device)  # [R] rows sampled this step
         producing[rows_out] = True
         grid = None
@@ -258,7 +257,7 @@ class Engine:
         else:
             logits = torch.zeros(R, self.vocab_size, device=self.device)  # [R, V]
             if dec_logits is not None:
-                keep = plan.decode.pool_rows < R  # [B] (compiled: every row)
+                keep = plan.decode.pool_rows < R  # [B]
                 logits[plan.decode.pool_rows[keep]] = dec_logits[keep]
         for req in ready:
             logits[req.rows] = req.first_logits  # [V] broadcast to the request's n rows
@@ -269,7 +268,7 @@ class Engine:
             sch.start_decoding(req)
         if self._tensors is None or self._tensors.num_rows != R:
             self._tensors = SamplingTensors.build(self._row_specs[:R], self.vocab_size, self.device)
-        history = self._history if self._compile else self._history.head(R)
+        history = self._history.head(R)
         beams = [r for r in sch.running.values() if r.beam is not None and not r.beam_done and r.state == DECODE]
         for req in beams:  # beam search scores log-probabilities (then processors), as transformers does
             rows = self._rows(req)

@@ -21,12 +21,11 @@ class ModelRunner:
     def decode(self, plan: DecodePlan, pool: SamplePool, tokens: Tensor) -> Tensor:
         """tokens [B] (one per batch row of the plan) -> logits [B, V]."""
         attn = DecodeAttention(pool, plan)
-        fns = self.fns
-        x, rope = fns.embed(self.model, tokens[:, None], plan.positions[:, None])  # [B, 1, E]
-        for block in self.model.layers:
-            q, k, v = fns.pre(block, x, rope)
-            x = fns.post(block, x, attn.attend(block.attn.layer, q, k, v))
-        return fns.head(self.model, x)  # [B, V]
+        fns, layers = self.fns, self.model.layers
+        x, rope, (q, k, v) = fns.first(self.model, layers[0], tokens[:, None], plan.positions[:, None])  # [B, 1, E]
+        for block, following in zip(layers[:-1], layers[1:]):
+            x, (q, k, v) = fns.between(block, following, x, attn.attend(block.attn.layer, q, k, v), rope)
+        return fns.last(self.model, layers[-1], x, attn.attend(layers[-1].attn.layer, q, k, v))  # [B, V]
 
     def prefill(self, chunk: PrefillChunk) -> Tensor:
         """One chunk of one prompt -> logits [V] of its last position, or [c, V] of every position."""

@@ -61,11 +61,10 @@ class Request:
 
 class Scheduler:
     def __init__(self, storage: KVStorage, cache: PrefixCache, shape: CacheShape, replicated: bool,
-                 chunk_tokens: int | None, dense_batch: bool):
+                 chunk_tokens: int | None):
         self.storage, self.cache, self.shape = storage, cache, shape
         self.replicated = replicated
         self.chunk_tokens = chunk_tokens  # prompt tokens prefilled per step (None: whole prompts)
-        self.dense_batch = dense_batch  # decode over every pool row (static shapes for compiled graphs)
         S = shape.max_samples
         self.dec_len = [0] * S  # tokens each pool row holds in its own slots (decoded so far)
         self.prompt_len = [0] * S
@@ -218,10 +217,9 @@ class Scheduler:
     def _decode_plan(self, extra: dict[int, int] | None = None) -> DecodePlan | None:
         """extra: drafted tokens fed after the last drawn one, per pool row (speculative decoding)."""
         reqs = [r for r in self.running.values() if r.state == DECODE]
-        rows = sorted(row for r in reqs for row in r.rows if self.live[row])
-        if not rows:
+        batch = sorted(row for r in reqs for row in r.rows if self.live[row])
+        if not batch:
             return None
-        batch = list(range(self.shape.max_samples)) if self.dense_batch else rows
         index = {row: i for i, row in enumerate(batch)}
         counts = [1 + (extra or {}).get(r, 0) for r in batch]
         write = [self.dec_len[r] + (self.prompt_len[r] if self.replicated else 0) for r in batch]

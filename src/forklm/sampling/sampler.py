@@ -63,12 +63,15 @@ def sample(logits: Tensor, t: SamplingTensors, h: TokenHistory) -> SampleResult:
         tokens = logits.argmax(dim=-1)  # [S]
     else:
         s, v = logits.shape
-        # Eagerly the draw is ~16 elementwise passes over [S, V]: blocks of rows that stay in the
-        # CPU's caches between passes run them faster (docs/architecture.md). Compiled: one fused loop.
-        block = s if torch.compiler.is_compiling() or logits.device.type != "cpu" else max(1, RACE_BLOCK // v)
         token_keys, step = vocab_keys(v, logits.device), h.generated  # [1, V], [S]
-        parts = [_race(logits[r : r + block], t, step, slice(r, r + block), token_keys) for r in range(0, s, block)]
-        tokens = parts[0] if len(parts) == 1 else torch.cat(parts)  # [S]
+        if torch.compiler.is_compiling() or logits.device.type != "cpu":  # one fused loop (any row count)
+            tokens = _race(logits, t, step, slice(None), token_keys)  # [S]
+        else:
+            # Eagerly the draw is ~16 elementwise passes over [S, V]: blocks of rows that stay in the
+            # CPU's caches between passes run them faster (docs/architecture.md).
+            block = max(1, RACE_BLOCK // v)
+            parts = [_race(logits[r : r + block], t, step, slice(r, r + block), token_keys) for r in range(0, s, block)]
+            tokens = parts[0] if len(parts) == 1 else torch.cat(parts)  # [S]
     return compute_logprobs(logits, tokens, t.max_logprobs)
 
 
