@@ -41,6 +41,16 @@ def make_hf_model(family: str, seed: int = 0):
     return model.eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_dir(tmp_path_factory):
+    """forklm's per-host cache (kernel menus, GGUF headers) in a folder of this test session, not the
+    user's: the tests write GGUF files by the hundred at temporary paths, each an entry there. Child
+    processes inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FORKLM_CACHE_DIR", str(tmp_path_factory.mktemp("forklm-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
     """family -> (transformers model, folder it was saved to)."""

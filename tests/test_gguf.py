@@ -492,6 +492,7 @@ def test_header_is_parsed_once_per_file_and_again_when_the_file_changes(tmp_path
         os.utime(path, ns=(before + 10**9, before + 10**9))
     third = load_gguf(path, torch.float32)
     assert len(parsed) == 2
+    assert len(list((tmp_path / "cache").glob("gguf-header-*.json"))) == 1  # the old entry replaced
     emb = "model.embed_tokens.weight"
     assert not torch.equal(third.tensors[emb], first.tensors[emb])
     assert (third.tensors[emb] - torch.from_numpy(weights[emb])).abs().max() <= 2e-2 * np.abs(weights[emb]).max()

@@ -153,7 +153,8 @@ HEADER_CACHE_VERSION = 2
 
 def _read_header(path: Path) -> tuple[dict[str, Any], list[_TensorInfo]]:
     """The file's metadata and tensor list, parsed by gguf's GGUFReader once per file and kept in
-    host.cache_dir() as JSON, keyed by the file's path, size and modification time. GGUFReader builds
+    host.cache_dir() as JSON, keyed by the file's path, size and modification time (one entry per path:
+    a changed file's entry is replaced, not kept beside the new one). GGUFReader builds
     a numpy view per element of the vocabulary's arrays: 2.5 s and ~150 MB for the embedded model's
     49152 tokens and 48900 merges (measured); reading the JSON back takes ~0.05 s."""
     stat = path.stat() if path.is_file() else None
@@ -161,7 +162,7 @@ def _read_header(path: Path) -> tuple[dict[str, Any], list[_TensorInfo]]:
                                      "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     cached = None
     if key is not None:
-        cached = cache_dir() / f"gguf-header-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.json"
+        cached = cache_dir() / f"gguf-header-{hashlib.sha1(key['path'].encode()).hexdigest()[:16]}.json"
         try:
             entry = json.loads(cached.read_text())
             if entry["key"] == key:
