@@ -100,8 +100,8 @@ class LLM:
     ):
         speculative = SpeculativeConfig.parse(speculative_config)
         if speculative is not None and compile:
-            raise InvalidParameterError("speculative_config", "is not supported with compile=True yet (verify steps "
-                                        "feed a varying number of tokens, which a compiled step would recompile for)")
+            raise InvalidParameterError("speculative_config", "is not supported with compile=True yet (compiled "
+                                        "verify steps are not tested)")
         if dtype not in (*DTYPES, "auto"):
             raise InvalidParameterError("dtype", f"{dtype!r} is not one of {['auto', *sorted(DTYPES)]}")
         if quantization is not None and quantization not in QUANTIZATIONS:
