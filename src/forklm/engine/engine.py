@@ -256,9 +256,8 @@ class Engine:
             logits = dec_logits  # [R, V]: already pool rows 0..R-1 in order (a fresh tensor; no copy)
         else:
             logits = torch.zeros(R, self.vocab_size, device=self.device)  # [R, V]
-            if dec_logits is not None:
-                keep = plan.decode.pool_rows < R  # [B]
-                logits[plan.decode.pool_rows[keep]] = dec_logits[keep]
+            if dec_logits is not None:  # every decoded row is below R (rows_out holds them all)
+                logits[plan.decode.pool_rows] = dec_logits
         for req in ready:
             logits[req.rows] = req.first_logits  # [V] broadcast to the request's n rows
             if req.params.prompt_logprobs is not None:
