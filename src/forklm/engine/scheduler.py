@@ -11,7 +11,6 @@ finished sample's tokens are offered to the prefix cache as a continuation of it
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
