@@ -96,10 +96,13 @@ def test_separate_n1_requests_decode_like_one_request_with_n(hf_models):
     for i in range(16):
         engine.add_request(str(i), PROMPTS[1], SamplingParams(max_tokens=6, temperature=1.0, seed=i, ignore_eos=True))
     engine.step()  # the first prefills; the others wait for its prefix rather than computing it again
-    assert engine.num_running == 1 and engine.storage.segment_tokens == len(PROMPTS[1])
+    # the first one's segment has room for its own 6 tokens after the prompt
+    assert engine.num_running == 1 and engine.storage.segment_tokens == len(PROMPTS[1]) + 6
     engine.step()
     plan = engine.scheduler.schedule()[0].decode
-    assert [(lv.length, lv.num_rows) for lv in plan.levels] == [(len(PROMPTS[1]), 16)]
+    # the prompt read once for all 16 rows; the first row's own token after it, a level below
+    assert sorted((lv.length, lv.num_rows) for lv in plan.levels) == [(2, 1), (len(PROMPTS[1]), 16)]
+    assert [t.token for t in plan.tails] == [0] and plan.pool_tokens.tolist() == list(range(1, 16))
     while engine.has_unfinished():
         engine.step()
     together = [engine.pop_output(str(i)).outputs[0].token_ids for i in range(16)]
@@ -169,3 +172,79 @@ def test_a_short_prompt_is_not_held_behind_a_long_prefill(hf_models):
         engine.step()
     got = [[o.token_ids for o in engine.pop_output(r).outputs] for r in ("long", "short")]
     assert got == cold(folder, [long_prompt, short_prompt], p)
+
+
+def _run(engine, requests, before=None):
+    """Add (id, prompt, params) requests to `engine`, step it to the end; returns id -> token ids. `before`:
+    called once after the first two steps (the first request then decodes)."""
+    for rid, prompt, params in requests:
+        engine.add_request(rid, prompt, params)
+    engine.step()
+    engine.step()
+    if before is not None:
+        before()
+    while engine.has_unfinished():
+        engine.step()
+    return {rid: engine.pop_output(rid).outputs[0] for rid, _, _ in requests}
+
+
+def test_one_sample_keeps_its_kv_after_its_prompt(hf_models):
+    """n=1 on a prompt it prefills: the prompt's segment has room for the sample's tokens and decode reads
+    one level (no pool pass). Same tokens and log probs as the same request with its K/V in the pool; at
+    the end the segment is cut back to the prompt and the sample is cached as a continuation."""
+    folder = str(hf_models["llama_gqa"][1])
+    llm = LLM(folder)
+    p = SamplingParams(max_tokens=9, temperature=1.0, seed=11, logprobs=0, ignore_eos=True)
+    pool_engine = llm.make_engine(CacheShape(2, 2, 1, 64, 9))
+    pool_engine.scheduler.tails = False
+    ref = _run(pool_engine, [("a", PROMPTS[1], p)])["a"]
+    engine = llm.make_engine(CacheShape(2, 2, 1, 64, 9))
+    plans = []
+    out = _run(engine, [("a", PROMPTS[1], p)], before=lambda: plans.append(engine.scheduler.schedule()[0].decode))["a"]
+    assert out.token_ids == ref.token_ids
+    assert out.cumulative_logprob == pytest.approx(ref.cumulative_logprob, abs=1e-4)
+    plan = plans[0]
+    assert not plan.pool_pass and plan.tails and [(lv.length, lv.num_rows) for lv in plan.levels] == \
+        [(len(PROMPTS[1]) + 2, 1)]
+    L, t = len(PROMPTS[1]), 8  # the last drawn token has no K/V
+    nodes = engine.prefix_cache.nodes()
+    assert sorted(n.segment.capacity for n in nodes) == [t, L]  # the prompt, cut back; the sample after it
+    assert engine.storage.segment_tokens == L + t
+    again = [50, 51]
+    follow = PROMPTS[1] + out.token_ids[:5] + again  # a later turn: prompt + sample + new text, cached up to it
+    cont = _run(engine, [("b", follow, p)])
+    assert engine.scheduler.running == {} and cont["b"].token_ids == cold(folder, [follow], p)[0][0]
+
+
+def test_a_tail_request_survives_a_split_of_its_prompt_and_an_abort(hf_models):
+    """A second prompt sharing the start of a decoding n=1 request's prompt splits that node mid-decode: its
+    tokens are unchanged. An aborted one leaves only its prompt's K/V behind, and the cache still serves."""
+    folder = str(hf_models["llama_gqa"][1])
+    llm = LLM(folder)
+    p = SamplingParams(max_tokens=8, temperature=1.0, seed=2, ignore_eos=True)
+    engine = llm.make_engine(CacheShape(4, 4, 1, 64, 8))
+    other = SYSTEM + QUESTIONS[2]
+    out = _run(engine, [("a", PROMPTS[1], p)], before=lambda: engine.add_request("b", other, p))
+    assert out["a"].token_ids == cold(folder, [PROMPTS[1]], p)[0][0]
+    assert engine.pop_output("b").outputs[0].token_ids == cold(folder, [other], p)[0][0]
+    engine = llm.make_engine(CacheShape(4, 4, 1, 64, 8))
+    engine.add_request("c", PROMPTS[4], p)
+    engine.step()
+    engine.step()
+    assert engine.scheduler.running["c"].tail
+    engine.abort("c")
+    assert engine.storage.segment_tokens == len(PROMPTS[4]) and engine.prefix_cache.total_refs() == 0
+    assert _run(engine, [("d", PROMPTS[4], p)])["d"].token_ids == cold(folder, [PROMPTS[4]], p)[0][0]
+
+
+def test_no_room_after_the_prompt_decodes_from_the_pool(hf_models):
+    """A budget that holds the prompt but not the sample's tokens after it: the row decodes from the pool."""
+    folder = str(hf_models["llama_gqa"][1])
+    llm = LLM(folder)
+    per_token = bytes_per_token(llm.config, llm.dtype)
+    p = SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)
+    small = LLM(folder, kv_cache_memory=(6 * per_token + (len(PROMPTS[1]) + 2) * per_token) / 2**30)
+    engine = small.make_engine(CacheShape(1, 1, 1, len(PROMPTS[1]), 6), resident_prompts=1)
+    seen = []
+    out = _run(engine, [("a", PROMPTS[1], p)], before=lambda: seen.append(engine.scheduler.running["a"].tail))
+    assert seen == [False] and out["a"].token_ids == cold(folder, [PROMPTS[1]], p)[0][0]

@@ -162,3 +162,67 @@ def test_multi_token_plan_with_one_token_per_row_is_the_plain_plan():
     plan = build_decode_plan([0, 1, 2], [1, 1, 1], [4, 0, 2], [9, 5, 7], [True] * 3, [], "cpu")
     assert plan.query_len is None and plan.grid_index is None and plan.dense
     assert plan.pool_len.tolist() == [5, 1, 3] and plan.window == 5
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["tails-only", "with-pool-rows"])
+@pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_keeping_kv_after_their_prompt_match_sdpa(mixed, heads, dtype):
+    """Rows whose own K/V follow their prompt in its segment (TailWrite): alone under their prompt (one
+    pass over prompt and own tokens), under a shared system prompt, and, with pool rows beside them,
+    under a prompt that pool rows read too (their own tokens a level below it)."""
+    torch.manual_seed(3 + heads[1] + mixed)
+    h, hkv = heads
+    d, T = 16, 24
+    system = _segment(hkv, 9, d, dtype)
+    tails = {0: (13, 4), 1: (5, 0), 2: (300, 7)}  # batch row -> (prompt tokens, own tokens before this step)
+
+    def prompt_with_room(p, t):  # p prompt tokens, t own ones after them, this step's slot; garbage past it
+        seg = _segment(hkv, p + t + 1, d, dtype, spare=2)
+        seg.length = p
+        return seg
+
+    own = {b: prompt_with_room(p, t) for b, (p, t) in tails.items()}
+    # row 0: its prompt alone (one pass over prompt and own tokens); rows 1, 2 under the system prompt
+    readers = [(0, own[0], 18, [0]), (0, system, 9, [1, 2]), (1, own[1], 6, [1]), (1, own[2], 308, [2])]
+    paths = {0: [], 1: [system], 2: [system]}
+    batch, dec = [0, 1, 2], [0, 0, 0]
+    if mixed:  # pool rows 3 and 4 under the system prompt; row 5 a tail under row 4's prompt
+        shared = prompt_with_room(17, 2)
+        tails[5] = (17, 2)
+        readers = [(0, own[0], 18, [0]), (0, system, 9, [1, 2, 3, 4, 5]), (1, own[1], 6, [1]),
+                   (1, own[2], 308, [2]), (1, shared, 17, [4, 5]),
+                   (2, Segment(shared.kv[:, :, :, 17:], 3), 3, [5])]
+        paths.update({3: [system], 4: [system, shared], 5: [system]})
+        own[5] = shared
+        batch, dec = [0, 1, 2, 4, 6, 7], [0, 0, 0, 3, 5, 0]
+    B = len(batch)
+    pool = _Pool(batch[-1] + 1, hkv, T, d, dtype)
+    slots = {b: p + t for b, (p, t) in tails.items()}
+    plan = build_decode_plan(batch, [1] * B, dec, [50] * B, [True] * B, readers, "cpu",
+                             {b: (own[b], s) for b, s in slots.items()})
+    assert plan.pool_pass == mixed and [t.token for t in plan.tails] == sorted(tails)
+    q, k, v = (torch.randn(B, x, 1, d).to(dtype) for x in (h, hkv, hkv))
+    pool_before = pool.k[0].clone()
+    out = DecodeAttention(pool, plan).attend(0, q, k, v)  # [B, H, 1, D]
+    assert out.shape == (B, h, 1, d) and out.dtype == dtype
+    for b, row in enumerate(batch):
+        if b in tails:
+            p, t = tails[b]
+            seg = own[b]
+            assert torch.equal(seg.k(0)[:, p + t], k[b, :, 0]) and torch.equal(seg.v(0)[:, p + t], v[b, :, 0])
+            assert torch.equal(pool.k[0][row], pool_before[row])  # nothing written to its pool row
+            ks = [s.k(0)[:, : s.length] for s in paths[b]] + [seg.k(0)[:, : p + t + 1]]
+            vs = [s.v(0)[:, : s.length] for s in paths[b]] + [seg.v(0)[:, : p + t + 1]]
+        else:
+            assert torch.equal(pool.k[0][row, :, dec[b]], k[b, :, 0])
+            ks = [s.k(0)[:, : s.length] for s in paths[b]] + [pool.k[0][row, :, : dec[b] + 1]]
+            vs = [s.v(0)[:, : s.length] for s in paths[b]] + [pool.v[0][row, :, : dec[b] + 1]]
+        ref = _reference(q[b, :, 0], torch.cat(ks, 1), torch.cat(vs, 1))
+        assert (out[b, :, 0].float() - ref).abs().max() < TOL[dtype], b
+
+
+def test_a_tail_row_feeds_one_token_per_step():
+    seg = _segment(2, 4, 8, torch.float32, spare=4)
+    with pytest.raises(ValueError, match="one token"):
+        build_decode_plan([0], [2], [0], [4], [True], [(0, seg, 5, [0])], "cpu", {0: (seg, 4)})

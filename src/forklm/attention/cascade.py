@@ -1,6 +1,7 @@
 """Attention backends bound to a step plan: the objects the model's layers call `attend` on.
 
-Decode (`DecodeAttention`): the current token's K/V is written to each row's pool slot, then one
+Decode (`DecodeAttention`): the current token's K/V is written to each row's pool slot (or, for a
+row that keeps its K/V after its prompt, to its slot in the prompt's segment), then one
 LSE-returning pass per level (the sample level over the pool rows, then the plan's shared segments
 over exactly the rows below them, one batched call per depth of the tree) folded by the exact
 merge. Cost follows the live rows and the real lengths: the pool is read up to the longest live row
@@ -89,17 +90,25 @@ class DecodeAttention:
         # q [N, H, 1, D]; k, v [N, Hkv, 1, D]: one query token per row, or several (a verified draft)
         plan, pool = self.plan, self.pool
         kp, vp = pool.k[layer], pool.v[layer]  # [S, Hkv, T, D]
+        pt = plan.pool_tokens  # None: every token's K/V goes to the pool
         if self._write_index is None:
-            self._write_index = flat_index(kp.shape, plan.pool_rows, plan.write_pos)
-        write_at(kp, self._write_index, k[:, :, 0])  # written before attending: no level is empty
-        write_at(vp, self._write_index, v[:, :, 0])
+            rows, pos = (plan.pool_rows, plan.write_pos) if pt is None else (plan.pool_rows[pt], plan.write_pos[pt])
+            self._write_index = flat_index(kp.shape, rows, pos)
+        # written before attending: no level is empty
+        if pt is None or pt.numel():
+            write_at(kp, self._write_index, k[:, :, 0] if pt is None else k[pt, :, 0])
+            write_at(vp, self._write_index, v[:, :, 0] if pt is None else v[pt, :, 0])
+        for tw in plan.tails:  # rows keeping their K/V after their prompt, in its segment
+            tw.segment.kv[layer, 0, :, tw.slot] = k[tw.token, :, 0]  # [Hkv, D]
+            tw.segment.kv[layer, 1, :, tw.slot] = v[tw.token, :, 0]
         b, h, _, d = q.shape
         hkv = k.shape[1]
         g = h // hkv
         scale = d**-0.5
         q = q[:, :, 0]  # [N, H, D]
         r, w = plan.pool_len.shape[0], plan.window
-        if plan.query_len is not None:  # several tokens per row: the [R, Q] grid, causal within a row
+        out = lse = None  # no pool pass: the depth-0 level's result is every row's first part
+        if plan.pool_pass and plan.query_len is not None:  # several tokens per row: the [R, Q] grid, causal within a row
             nq = plan.query_len.shape[1]
             qp = q.new_zeros(r * nq, h, d).index_copy_(0, plan.grid_index, q)  # [R*Q, H, D]
             qp = qp.reshape(r, nq, hkv, g, d).permute(0, 2, 1, 3, 4).reshape(r, hkv, nq * g, d)  # [R, Hkv, Q*G, D]
@@ -108,7 +117,7 @@ class DecodeAttention:
             out = out.reshape(r, hkv, nq, g, d).permute(0, 2, 1, 3, 4).reshape(r * nq, h, d)  # [R*Q, H, D]
             lse = lse.reshape(r, hkv, nq, g).permute(0, 2, 1, 3).reshape(r * nq, h)  # [R*Q, H]
             out, lse = out[plan.grid_index], lse[plan.grid_index]  # [N, H, D], [N, H]
-        else:
+        elif plan.pool_pass:
             qp = q if plan.dense else q.new_zeros(r, h, d).index_copy_(0, plan.pool_rows, q)  # [R, H, D] pool order
             out, lse = attention_with_lse(
                 qp.reshape(r, hkv, g, d), kp[:r, :, :w], vp[:r, :, :w], plan.pool_len, scale,
@@ -129,8 +138,17 @@ class DecodeAttention:
                     qz = torch.cat([q, q.new_zeros(1, h, d)])  # [N + 1, H, D]: row N pads
                 o, l = _group_pass(qz, group, *self._stack(i, group, layer), scale,
                                    self._mask(i, group.lengths, group.width, q))
-            # the pool level has a key in every row (written above), so the running part a is never empty
-            o, l = merge_with_lse(out[group.rows], lse[group.rows], o, l, may_be_empty=False)  # [U, H, D], [U, H]
+            if out is None:  # the first part of every row (the plan checks the depth-0 level covers them all)
+                if isinstance(group.rows, slice):
+                    out, lse = o, l
+                else:
+                    out = o.new_empty(b, h, d).index_copy_(0, group.rows, o)  # [N, H, D]
+                    lse = l.new_empty(b, h).index_copy_(0, group.rows, l)  # [N, H]
+                continue
+            # the running part a has a key in every row (the pool level, written above, or a row's own
+            # segment first) unless the plan says otherwise: then the guarded merge
+            o, l = merge_with_lse(out[group.rows], lse[group.rows], o, l,
+                                  may_be_empty=plan.may_be_empty)  # [U, H, D], [U, H]
             if isinstance(group.rows, slice) and group.rows == slice(0, out.shape[0]):  # every row
                 out, lse = o, l
             elif isinstance(group.rows, slice):

@@ -98,7 +98,8 @@ class Engine:
 
     def _size(self, shape: CacheShape) -> None:
         self.shape = shape
-        self.scheduler = Scheduler(self.storage, self.prefix_cache, shape, self.replicated, self._chunk_tokens)
+        self.scheduler = Scheduler(self.storage, self.prefix_cache, shape, self.replicated, self._chunk_tokens,
+                                   tails=self.speculative is None)
         S = shape.max_samples
         self._next_tokens = torch.zeros(S, dtype=torch.long, device=self.device)  # [S] token fed next step
         self._history = TokenHistory(S, shape.max_prompt_len + shape.max_new_tokens, self.vocab_size, self.device)

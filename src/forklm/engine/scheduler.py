@@ -7,6 +7,12 @@ makes the request wait for it), the rest gets a new pending node, (3) describes 
 every decoding row: its pool slot, position, and the shared segments above it, each listed once
 with the batch rows that read it. Finished requests release their rows and unpin their nodes; a
 finished sample's tokens are offered to the prefix cache as a continuation of its prompt.
+
+A request of one sequence that prefills its own prompt node gets that node's segment with room for
+its new tokens after the prompt (when the budget holds them): its row then decodes over one level
+(prompt and own tokens in one attention call, no merge) instead of the pool plus the prompt. At the
+end the tokens go to the prefix cache as a continuation, as from a pool row, and the prompt's segment
+is cut back to the prompt.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class Request:
     node: Node | None = None  # the last node of the prompt's path (pinned while running)
     own: Node | None = None  # the node this request prefills (None when the prompt was all cached)
     scratch: Segment | None = None  # K/V of a logits-only recompute of the last prompt token
+    tail: bool = False  # its one row keeps its K/V after the prompt in `own`'s segment, not in the pool
     prefilled: int = 0  # prompt tokens whose K/V exist
     first_logits: Tensor | None = None  # [V] next-token logits at the prompt's end, once known
     num_cached_tokens: int = 0
@@ -60,9 +67,12 @@ class Request:
 
 class Scheduler:
     def __init__(self, storage: KVStorage, cache: PrefixCache, shape: CacheShape, replicated: bool,
-                 chunk_tokens: int | None):
+                 chunk_tokens: int | None, tails: bool = True):
         self.storage, self.cache, self.shape = storage, cache, shape
         self.replicated = replicated
+        # one-sequence requests may keep their K/V after their prompt (not with a replicated pool, nor
+        # when steps feed several tokens per row: speculative decoding verifies drafts in the pool)
+        self.tails = tails and not replicated
         self.chunk_tokens = chunk_tokens  # prompt tokens prefilled per step (None: whole prompts)
         S = shape.max_samples
         self.dec_len = [0] * S  # tokens each pool row holds in its own slots (decoded so far)
@@ -96,7 +106,11 @@ class Scheduler:
         if m is not None:
             parent = self.cache.split(*m.partial) if m.partial else m.node
         if matched < L:
-            seg = self.storage.allocate(L - matched)
+            seg = None
+            if self.tails and n == 1 and req.params.beam_width == 1:  # room for its new tokens, if free
+                seg = self.storage.allocate(L - matched + req.params.max_tokens)
+                req.tail = seg is not None
+            seg = seg or self.storage.allocate(L - matched)
             req.own = self.cache.insert(parent, prompt[matched:], seg, pending=True, private=not use_cache)
             req.node = req.own
         else:  # the whole prompt is cached
@@ -223,18 +237,30 @@ class Scheduler:
         counts = [1 + (extra or {}).get(r, 0) for r in batch]
         write = [self.dec_len[r] + (self.prompt_len[r] if self.replicated else 0) for r in batch]
         positions = [self.prompt_len[r] + self.dec_len[r] for r in batch]
-        readers = []
+        readers, tails = [], {}
         if not self.replicated:
             users: dict[int, tuple[Node, int, list[int]]] = {}  # node -> (node, depth, batch rows)
+            tail_rows = []
             for req in reqs:
                 idx = [index[row] for row in req.rows if self.live[row]]
                 if not idx:
                     continue
                 for depth, node in enumerate(req.node.path()):
                     users.setdefault(id(node), (node, depth, []))[2].extend(idx)
-            readers = [(depth, node.segment, len(node.tokens), idx) for node, depth, idx in users.values()]
+                if req.tail:
+                    tail_rows.append((req.node, idx[0], self.dec_len[req.rows[0]]))
+            for node, i, t in tail_rows:  # rows whose own tokens follow their prompt in its segment
+                p = len(node.tokens)
+                tails[i] = (node.segment, p + t)
+                _, depth, idx = users[id(node)]
+                if idx == [i]:  # no other row reads the prompt: one pass over it and the row's tokens
+                    del users[id(node)]
+                    readers.append((depth, node.segment, p + t + 1, idx))
+                else:  # the others read the prompt; this row's own tokens are a level below it
+                    readers.append((depth + 1, Segment(node.segment.kv[:, :, :, p:], t + 1), t + 1, [i]))
+            readers += [(depth, node.segment, len(node.tokens), idx) for node, depth, idx in users.values()]
         return build_decode_plan(batch, counts, write, positions, [self.live[r] for r in batch], readers,
-                                 self.storage.device)
+                                 self.storage.device, tails)
 
     def advance(self, plan: DecodePlan) -> None:
         """After a plain decode step: every live row of the batch holds one more token."""
@@ -257,7 +283,14 @@ class Scheduler:
             for s in req.samples:
                 t = self.dec_len[s.row]  # decoded tokens with K/V in the row (the last one drawn has none)
                 if t > 0 and self.cache.enabled and not req.node.private:
-                    self.cache.extend(req.node, s.token_ids[:t], self.storage.pool.extract(s.row, t))
+                    if req.tail:  # they follow the prompt in its segment (extend copies what it keeps)
+                        p = len(req.node.tokens)
+                        kv = req.node.segment.kv[:, :, :, p : p + t]  # [layers, 2, Hkv, t, D]
+                    else:
+                        kv = self.storage.pool.extract(s.row, t)
+                    self.cache.extend(req.node, s.token_ids[:t], kv)
+        if req.tail and not req.node.private and not req.node.pending:
+            self._cut_tail(req.node)
         for row in req.rows:
             self.live[row], self.dec_len[row] = False, 0
         self.storage.give_rows(req.rows)
@@ -267,3 +300,12 @@ class Scheduler:
         self.cache.unlock(req.node)
         req.node = req.own = None
         req.rows = []
+
+    def _cut_tail(self, node: Node) -> None:
+        """A cached prompt node whose segment had room for a sample's tokens keeps only the prompt's K/V."""
+        p, old = len(node.tokens), node.segment
+        if old.capacity == p:
+            return
+        kv = old.kv[:, :, :, :p].clone()  # [layers, 2, Hkv, p, D]
+        self.storage.free(old)
+        node.segment = self.storage.adopt(kv)  # fits: the old segment held more

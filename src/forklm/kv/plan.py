@@ -10,6 +10,11 @@ disjoint rows, so a `LevelGroup` runs them as one batched kernel call (each segm
 and folds the result into its rows with one merge: the cost of a level is one call per depth, not
 one per segment (4 system prompts x 8 questions: 2 calls per layer instead of 36).
 
+A row may keep its own K/V after its prompt instead, in the prompt's segment (a `TailWrite`): a
+request of one sample whose prompt it prefilled itself gets a segment with room for its new tokens,
+so that its decode reads one level (prompt and own tokens in one kernel call, no merge) instead of
+two. Such a row reads nothing from the pool.
+
 Prefill: chunks of prompt tokens, each attending to the cached levels above it and causally to
 itself; its K/V land in `own` at `own_offset`.
 """
@@ -64,6 +69,15 @@ def _as_list(rows: slice | Tensor) -> list[int]:
     return list(range(rows.start, rows.stop)) if isinstance(rows, slice) else rows.tolist()
 
 
+@dataclass(frozen=True)
+class TailWrite:
+    """A batch row whose K/V follow its prompt in the prompt's segment: this step's token goes to `slot`."""
+
+    token: int  # the query token (one per such row)
+    segment: Segment
+    slot: int
+
+
 @dataclass
 class DecodePlan:
     """One decode step over B batch rows, each feeding one query token (plain decoding) or several
@@ -83,6 +97,21 @@ class DecodePlan:
     grid_index: Tensor | None = None  # [N] int64: r * Q + j, each token's place in the [R, Q] grid
     counts: list[int] = field(default_factory=list)  # query tokens of each batch row
     rows: list[int] = field(default_factory=list)  # the pool row of each batch row (host), ascending
+    tails: list[TailWrite] = field(default_factory=list)  # rows writing after their prompt, not in the pool
+    pool_tokens: Tensor | None = None  # [N'] int64: the tokens written to the pool when some rows are tails
+
+    @property
+    def pool_pass(self) -> bool:
+        """Some row reads the pool (a row keeping its K/V in its prompt's segment reads nothing there)."""
+        return self.window > 0
+
+    @property
+    def may_be_empty(self) -> bool:
+        """A row's first level may have no key: the pool pass of a tail row in a mixed batch, or an empty
+        segment first when no row reads the pool. The merges then take the guarded path."""
+        if self.pool_pass:
+            return bool(self.tails)
+        return not self.groups or bool((self.groups[0].lengths == 0).any())
 
     @property
     def num_rows(self) -> int:
@@ -94,11 +123,18 @@ class DecodePlan:
 
 
 def build_decode_plan(batch: list[int], counts: list[int], write: list[int], positions: list[int],
-                      live: list[bool], readers: list[tuple[int, Segment, int, list[int]]], device) -> DecodePlan:
+                      live: list[bool], readers: list[tuple[int, Segment, int, list[int]]], device,
+                      tails: dict[int, tuple[Segment, int]] | None = None) -> DecodePlan:
     """The decode plan of pool rows `batch` (ascending). Batch row i feeds counts[i] tokens, the first
     at slot write[i] of its pool row and position positions[i]; live[i] is False for an idle row of a
     dense batch (it computes, nothing reads it). readers: (depth, segment, valid length, batch rows
-    reading it) for every shared segment above the rows."""
+    reading it) for every shared segment above the rows. tails: batch row -> (its prompt's segment,
+    the slot of this step's token there) for rows that keep their K/V after their prompt (one token
+    each); their own segment is among the readers, with the token counted in its length, and every
+    such row reads a segment at depth 0."""
+    tails = tails or {}
+    if tails and max(counts) > 1:
+        raise ValueError("a row keeping its K/V in its prompt's segment feeds one token per step")
     start, tok_rows, tok_pos, tok_write = [], [], [], []
     for r, c, w, p in zip(batch, counts, write, positions):
         start.append(len(tok_rows))
@@ -107,8 +143,8 @@ def build_decode_plan(batch: list[int], counts: list[int], write: list[int], pos
         tok_write += range(w, w + c)
     R, Q = batch[-1] + 1, max(counts)
     pool_len = [0] * R
-    for r, c, w, alive in zip(batch, counts, write, live):
-        if alive:
+    for i, (r, c, w, alive) in enumerate(zip(batch, counts, write, live)):
+        if alive and i not in tails:
             pool_len[r] = w + c
     window = max(pool_len)
     t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
@@ -128,8 +164,12 @@ def build_decode_plan(batch: list[int], counts: list[int], write: list[int], pos
         by_depth.setdefault(depth, []).append(levels[-1])
     groups = [LevelGroup.of(passes, len(tok_rows), device) for _, passes in sorted(by_depth.items())]
     dense = Q == 1 and batch == list(range(R))
+    tail_writes = [TailWrite(i, seg, slot) for i, (seg, slot) in sorted(tails.items())]
+    pool_tokens = t([i for i in range(len(batch)) if i not in tails]) if tails else None
+    if tails and window == 0:  # no pool pass: the depth-0 level is every row's first part
+        assert groups and sum(lp.num_rows for lp in groups[0].passes) == len(tok_rows), "a tail row reads no depth-0 level"
     return DecodePlan(t(tok_rows), t(tok_pos), t(tok_write), t(pool_len), window, dense, levels, groups,
-                      query_len, grid, list(counts), list(batch))
+                      query_len, grid, list(counts), list(batch), tail_writes, pool_tokens)
 
 
 @dataclass
