@@ -67,6 +67,23 @@ def test_a_new_kind_of_step_is_not_probed_at_every_step():
     assert counts.count(1) <= RETRIES * (len(counts) // PROBE_EVERY + 1) and churn.current == 2
 
 
+def test_a_step_that_compiled_is_discarded_and_a_compiled_engine_probes_later():
+    """Compiled graphs bake the thread count in: a step that compiled (its time mostly compiling) records
+    nothing and brings no probe forward; a probe that compiled runs again on the next step; the first
+    probe comes after PROBE_EVERY steps."""
+    gov = ThreadGovernor(2, enabled=True, first_probe=PROBE_EVERY)
+    quiet = {2: 0.050, 1: 0.060}
+    assert gov.begin_step() == 2
+    gov.discard()  # the first step compiled: 100x slower, not recorded
+    counts = [_run(gov, DECODE, quiet.get) for _ in range(PROBE_EVERY)]
+    assert counts == [2] * PROBE_EVERY and gov.probes == 0  # no probe brought forward, none before PROBE_EVERY
+    assert gov.begin_step() == 1
+    gov.discard()  # the probe compiled the 1-thread graphs
+    assert gov.begin_step() == 1  # so it runs again
+    gov.end_step(DECODE, 0.030)
+    assert gov.current == 1 and gov.switches == 1
+
+
 def test_disabled_or_single_thread_never_probes():
     for gov in (ThreadGovernor(8, enabled=False), ThreadGovernor(1, enabled=True)):
         assert not gov.enabled

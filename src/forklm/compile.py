@@ -31,6 +31,15 @@ def with_eager_fallback(compiled: Callable, eager: Callable, name: str) -> Calla
     return call
 
 
+def graphs_compiled(compile: bool) -> int:
+    """Graphs torch.compile has built in this process so far (0 when not compiling: no import of dynamo)."""
+    if not compile:
+        return 0
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def make_sample_fn(compile: bool) -> Callable:
     """`sampling.sample` (counter-based noise, race, log probs), compiled when asked.
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint import apply_weight_updates
-from ..compile import make_sample_fn
+from ..compile import graphs_compiled, make_sample_fn
 from ..errors import CapacityError, ContextLengthError, InvalidParameterError, TokenizerError
 from ..kv.prefix_cache import PrefixCache
 from ..kv.storage import CacheShape, KVStorage
@@ -37,7 +37,7 @@ from .output import OutputProcessor
 from .runner import ModelRunner
 from .scheduler import DECODE, PREFILL, Request, Scheduler
 from .speculative import AdaptiveSwitch, DraftModelProposer, NgramProposer, RequestSpecState, SpeculativeConfig
-from .threads import StepKind, ThreadGovernor
+from .threads import FIRST_PROBE, PROBE_EVERY, StepKind, ThreadGovernor
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,10 @@ class Engine:
                 self._proposer = DraftModelProposer(draft_model, k, storage.dtype, storage.device)
         self.switch = AdaptiveSwitch(speculative is not None and speculative.adaptive)
         # CPU threads per step, measured (threads.py); CUDA steps do not depend on them
-        self.threads = ThreadGovernor(torch.get_num_threads(), adaptive_threads and self.device.type == "cpu")
+        # (compiled: each thread count is another set of graphs, so the first probe waits longer)
+        self.compile = compile
+        self.threads = ThreadGovernor(torch.get_num_threads(), adaptive_threads and self.device.type == "cpu",
+                                      first_probe=PROBE_EVERY if compile else FIRST_PROBE)
         self._spec: dict[str, RequestSpecState] = {}  # request id -> its speculation state
         self.spec_totals = RequestSpecState()  # the counters over every request (server metrics)
         self._step_count = 0
@@ -203,9 +206,11 @@ class Engine:
         threads = self.threads.begin_step()
         if self.threads.enabled and threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-        start = time.perf_counter()
+        start, graphs = time.perf_counter(), graphs_compiled(self.compile)
         deltas, kind = self._step()
-        if kind is not None:
+        if graphs_compiled(self.compile) != graphs:  # its time was mostly compiling: not a measure of the step
+            self.threads.discard()
+        elif kind is not None:
             self.threads.end_step(kind, time.perf_counter() - start)
         return deltas
 

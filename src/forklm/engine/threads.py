@@ -18,6 +18,12 @@ depends on the host, the load and the step, so `ThreadGovernor` measures it:
   1.45x slower on a quiet host.)
 
 The maximum is torch's thread count when the engine is built; the governor never goes above it.
+
+A compiled step bakes the thread count into its kernels: a step at a count not run before compiles
+its graphs again (~9 s for the embedded model's four graphs on the 2-core AVX-512 host). So a compiled
+engine probes first after PROBE_EVERY steps, not FIRST_PROBE (a short first call compiles one set of
+graphs, not two), and a step that compiled anything is `discard`ed: it neither counts as a sample nor
+brings a probe forward, and a probe that compiled runs again on the next step, its graphs ready.
 """
 
 from __future__ import annotations
@@ -37,8 +43,9 @@ StepKind = tuple[int, int]  # (decode tokens, prefill tokens) of a step
 
 
 class ThreadGovernor:
-    def __init__(self, max_threads: int, enabled: bool):
+    def __init__(self, max_threads: int, enabled: bool, first_probe: int = FIRST_PROBE):
         self.max_threads = max(1, max_threads)
+        self.first_probe = first_probe
         self.current = self.max_threads
         self.enabled = enabled and self.max_threads > 1
         self.switches = 0
@@ -67,7 +74,7 @@ class ThreadGovernor:
             self._last[kind] = seconds
             self._avg[kind] = seconds if avg is None else (1 - _EMA) * avg + _EMA * seconds
             self._since_probe += 1
-            due = FIRST_PROBE if self.probes == 0 else PROBE_EVERY
+            due = self.first_probe if self.probes == 0 else PROBE_EVERY
             if self._retry or self._since_probe >= due or (avg is not None and seconds > SLOW * avg):
                 self._probe_due, self._retry = True, False
             return
@@ -88,6 +95,11 @@ class ThreadGovernor:
             self.switches += 1
             self._last.clear()
             self._avg.clear()
+
+    def discard(self) -> None:
+        """The step just run measured something else (it compiled): no record, no decision. A probe
+        stays due and runs on the next step."""
+        self._probing = None
 
     def _alternative(self) -> int | None:
         down = self.current - 1 if self.current > 1 else None
