@@ -1,7 +1,8 @@
 """Compile cost of `LLM(compile=True)` on the embedded model, cold and warm: each run is a fresh Python
-process; the first uses an empty inductor cache folder (TORCHINDUCTOR_CACHE_DIR, a new temporary one),
-the next ones reuse it, as a second process on the same machine does with torch's own caches (FX
-graph and AOT autograd caches, on by default). Per process: load time, the first generate call of
+process; the first uses an empty inductor cache folder (TORCHINDUCTOR_CACHE_DIR, a new temporary one)
+and an empty forklm cache folder (FORKLM_CACHE_DIR: the host's measured kernels, parsed GGUF headers,
+inductor's instruction-set verdict), the next ones reuse both, as a second process on the same machine
+does with torch's own caches (FX graph and AOT autograd caches, on by default) and forklm's. Per process: load time, the first generate call of
 n samples (prefill + the decode steps that compile), then the compiled decode ms/step.
 
     python benchmarks/bench_compile_cache.py --ns 1 --warm-runs 2 --out benchmarks/results/compile_cache
@@ -55,8 +56,9 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for n in map(int, args.ns.split(",")):
-        with tempfile.TemporaryDirectory(prefix="forklm-inductor-") as cache:
-            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        with tempfile.TemporaryDirectory(prefix="forklm-inductor-") as cache, \
+                tempfile.TemporaryDirectory(prefix="forklm-cache-") as own:
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "FORKLM_CACHE_DIR": own}
             for i in range(1 + args.warm_runs):
                 t = time.perf_counter()
                 r = subprocess.run([sys.executable, "-c", CHILD, str(n), args.llm_kwargs, str(args.after)], env=env,
@@ -70,7 +72,8 @@ def main() -> None:
     res = {"command": report.command(), "host": report.host(), "rows": rows}
     out = Path(args.out)
     report.write(out, res, "torch.compile cost, cold vs warm inductor cache",
-                 "Each row a fresh process; cold = empty TORCHINDUCTOR_CACHE_DIR, warm = the same folder again. "
+                 "Each row a fresh process; cold = empty TORCHINDUCTOR_CACHE_DIR and FORKLM_CACHE_DIR, warm = the "
+                 "same folders again. "
                  "first call = generate(n, 9 tokens): prefill + the decode steps that compile. "
                  + (f"Before the step is timed, one call of n={args.after} samples. " if args.after else "")
                  + f"LLM keywords: {args.llm_kwargs}.",

@@ -58,3 +58,28 @@ def test_a_fresh_process_reuses_the_compiled_artifacts_on_disk(tmp_path, hf_mode
     assert warm["misses"] == 0 and warm["hits"] == cold["misses"]
     assert warm["tokens"] == cold["tokens"]
     assert cold["graphs"] == warm["graphs"] == 4 and cold["probes"] == warm["probes"] == 0
+
+
+def test_the_cpu_vec_isa_verdict_is_kept_for_later_processes(monkeypatch, tmp_path):
+    """inductor's probe of the SIMD instruction sets runs once; its verdict, kept in forklm's cache, spares
+    later processes the probe (inductor's own `vec_isa_ok`), only when every candidate passed."""
+    import json
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor import cpu_vec_isa
+
+    from forklm.compile import settle_cpu_vec_isa
+
+    monkeypatch.setenv("FORKLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)
+    settle_cpu_vec_isa()
+    (path,) = tmp_path.glob("inductor-vec-isa-*.json")
+    entry = json.loads(path.read_text())
+    assert entry["valid"] == [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+    assert entry["all_ok"] == (entry["valid"] == entry["key"]["candidates"])
+    assert inductor_config.cpp.vec_isa_ok is (True if entry["all_ok"] else None)
+    monkeypatch.setattr(inductor_config.cpp, "vec_isa_ok", None)  # a later process
+    probes = []
+    monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", lambda: probes.append(1) or [])
+    settle_cpu_vec_isa()
+    assert probes == [] and inductor_config.cpp.vec_isa_ok is (True if entry["all_ok"] else None)

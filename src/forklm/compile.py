@@ -1,15 +1,68 @@
-"""Compile settings, in one place. Hands back callables; never rebinds globals."""
+"""Compile settings, in one place. Hands back callables; never rebinds globals (inductor's own config
+aside: `settle_cpu_vec_isa` answers one of its questions from what an earlier process found)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import platform
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .host import cache_dir, write_cache_file
+
 log = logging.getLogger(__name__)
+
+
+def settle_cpu_vec_isa() -> None:
+    """Spare each process inductor's probe of the CPU's SIMD instruction sets when an earlier one found
+    them all usable.
+
+    inductor's C++ backend checks every instruction set the CPU flags name (AVX2, AVX-512, ...) by
+    building a test library with it (once per inductor cache folder: ~9 s on the 2-core host) and
+    loading each in a child process (in every process: ~0.8 s of a 4 s warm start there). The answer
+    depends only on the CPU, the C++ compiler and torch, so it is kept in forklm's cache under those;
+    when every candidate passed, inductor's own `config.cpp.vec_isa_ok` is set, which skips the probe
+    and picks the same instruction set. It is set in the process that ran the probe too: that setting
+    is part of the compiled graphs' cache keys, so both processes share their graphs. Anything
+    unexpected (another torch's internals, no compiler) leaves inductor to probe as it does."""
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor import cpu_vec_isa
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        if inductor_config.cpp.vec_isa_ok is not None or platform.machine() not in ("x86_64", "AMD64"):
+            return
+        flags = cpu_vec_isa.x86_isa_checker()
+        candidates = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
+                      if all(f in flags for f in str(isa).split())]
+        compiler = get_cpp_compiler()
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = {"candidates": candidates, "compiler": compiler, "version": version.splitlines()[:1],
+               "torch": torch.__version__}
+    except Exception as exc:  # noqa: BLE001 - any failure: inductor probes as usual
+        log.debug("inductor's vector ISA probe left as it is: %s", exc)
+        return
+    path = cache_dir() / f"inductor-vec-isa-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.json"
+    try:
+        entry = json.loads(path.read_text())
+        all_ok = entry["all_ok"] if entry["key"] == key else None
+    except (OSError, ValueError, KeyError, TypeError):
+        all_ok = None
+    if all_ok is None:
+        valid = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]  # inductor's own probe, this once
+        all_ok = valid == candidates
+        try:
+            write_cache_file(path, json.dumps({"key": key, "all_ok": all_ok, "valid": valid}))
+        except OSError:
+            pass
+    if all_ok:
+        inductor_config.cpp.vec_isa_ok = True
 
 
 def with_eager_fallback(compiled: Callable, eager: Callable, name: str) -> Callable:
@@ -51,6 +104,7 @@ def make_sample_fn(compile: bool) -> Callable:
 
     if not compile:
         return sample
+    settle_cpu_vec_isa()
     # dynamic from the start: one graph for one row, one for every other row count (the batch follows the load)
     return with_eager_fallback(torch.compile(sample, fullgraph=True, dynamic=True), sample, "sampler")
 
@@ -90,6 +144,7 @@ class LayerFns:
 def layer_fns(compile: bool) -> LayerFns:
     if not compile:
         return LayerFns(_first, _between, _last)
+    settle_cpu_vec_isa()
 
     def c(fn, name):
         return with_eager_fallback(torch.compile(fn, fullgraph=True), fn, name)
