@@ -3,10 +3,12 @@ with its K/V kept after its prompt in the prompt's segment (one attention pass a
 pool row (the pool pass, the prompt's pass and their merge), A/B in one process.
 
     python benchmarks/bench_tail.py --lens 256,2048 --reps 4 --out benchmarks/results/tail_n1_ab
+    python benchmarks/bench_tail.py --lens 256,2048 --reps 4 --cached --out benchmarks/results/tail_n1_cached_ab
 
-One `LLM()` with default settings; the two arms alternate, request by request, on fresh prompts (a
-cached prompt would not be prefilled by the request, and only a request that prefills its prompt keeps
-its tokens after it). Per request: the median of `--steps` engine decode steps, timed one by one; per
+One `LLM()` with default settings; the two arms alternate, request by request, on fresh prompts that
+each request prefills, or with `--cached` on one prompt per length that the prefix cache already holds
+(then the K/V of the cached prompt are copied into a segment with room after them, inside the timed
+`generate` call; what a repeated prompt costs and gains). Per request: the median of `--steps` engine decode steps, timed one by one; per
 cell, those medians over `--reps` requests, and `LLM.generate` end to end as (t(33 tokens) - t(1)) / 32.
 Writes OUT.json, OUT.md and OUT.png.
 """
@@ -31,6 +33,7 @@ def main() -> None:
     ap.add_argument("--lens", default="256,2048", help="prompt lengths")
     ap.add_argument("--reps", type=int, default=4, help="requests per arm and length")
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per request")
+    ap.add_argument("--cached", action="store_true", help="every request repeats a prompt the prefix cache holds")
     ap.add_argument("--out", default="benchmarks/results/tail_n1_ab")
     args = ap.parse_args()
     out = Path(args.out)
@@ -39,7 +42,8 @@ def main() -> None:
 
     def fresh(length: int) -> list[int]:
         counter[0] += 1
-        return [(17 * i + 7 * counter[0]) % 40000 + 100 for i in range(length)]
+        salt = 0 if args.cached else counter[0]
+        return [(17 * i + 7 * salt) % 40000 + 100 for i in range(length)]
 
     def params(tokens: int) -> SamplingParams:
         return SamplingParams(n=1, max_tokens=tokens, temperature=0.8, seed=0, ignore_eos=True)
@@ -86,8 +90,9 @@ def main() -> None:
                          "best": min(step[arm]), "e2e": " / ".join(f"{x:.1f}" for x in e2e[arm])})
             print(f"L={length:5d} {arm:16s} step ms {rows[-1]['step']:28s} generate ms/step {rows[-1]['e2e']}"
                   f"  load {load:.2f}")
+    prompts = "one cached prompt per length" if args.cached else "fresh prompts"
     report.write(out, res, "One sample's K/V after its prompt vs in the pool, n=1",
-                 f"{res['precision']}. Arms alternate request by request in one process, fresh prompts. step: "
+                 f"{res['precision']}. Arms alternate request by request in one process, {prompts}. step: "
                  "the median of the timed engine steps of each request; generate: (t(33 tokens) - t(1)) / 32 of "
                  "`LLM.generate`, each request.",
                  [("L", "prompt_len", "{}"), ("arm", "arm", "{}"), ("step ms (each request)", "step", "{}"),

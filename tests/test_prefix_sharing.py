@@ -216,6 +216,42 @@ def test_one_sample_keeps_its_kv_after_its_prompt(hf_models):
     assert engine.scheduler.running == {} and cont["b"].token_ids == cold(folder, [follow], p)[0][0]
 
 
+def test_a_repeated_prompt_keeps_the_sample_after_its_cached_prompt(hf_models):
+    """n=1 on a prompt already cached (its logits kept, or not: then the last position is recomputed): the
+    node's K/V are copied into a segment with room after them, and decode reads one level. Two n=1
+    requests on it at once: the first follows the prompt there, the second decodes from the pool. Tokens
+    as computed cold; afterwards every segment is cut back to its tokens."""
+    folder = str(hf_models["llama_gqa"][1])
+    llm = LLM(folder)
+    p = SamplingParams(max_tokens=7, temperature=1.0, seed=3, ignore_eos=True)
+    q = SamplingParams(max_tokens=7, temperature=1.0, seed=4, ignore_eos=True)
+    want_p, want_q = cold(folder, [PROMPTS[4]], p)[0][0], cold(folder, [PROMPTS[4]], q)[0][0]
+    engine = llm.make_engine(CacheShape(4, 4, 1, 64, 7))
+    assert _run(engine, [("a", PROMPTS[4], p)])["a"].token_ids == want_p
+    for recompute in (False, True):
+        if recompute:  # the prompt's node without its logits: its last position is computed again
+            engine.prefix_cache.match(PROMPTS[4]).node.logits = None
+        seen, plans = [], []
+
+        def look():
+            seen.append({r: engine.scheduler.running[r].tail for r in ("b", "c")})
+            plans.append(engine.scheduler.schedule()[0].decode)
+
+        out = _run(engine, [("b", PROMPTS[4], p), ("c", PROMPTS[4], q)], before=look)
+        assert out["b"].token_ids == want_p and out["c"].token_ids == want_q
+        assert seen == [{"b": True, "c": False}]
+        assert plans[0].pool_pass and len(plans[0].tails) == 1
+        node = engine.prefix_cache.match(PROMPTS[4]).node
+        assert node.segment.capacity == len(node.tokens) == len(PROMPTS[4])
+        assert all(n.segment.capacity == len(n.tokens) for n in engine.prefix_cache.nodes())
+        assert engine.prefix_cache.total_refs() == 0
+    plans = []
+    out = _run(engine, [("d", PROMPTS[4], p)], before=lambda: plans.append(engine.scheduler.schedule()[0].decode))
+    assert out["d"].token_ids == want_p
+    assert not plans[0].pool_pass and [(lv.length, lv.num_rows) for lv in plans[0].levels] == \
+        [(len(PROMPTS[4]) + 2, 1)]
+
+
 def test_a_tail_request_survives_a_split_of_its_prompt_and_an_abort(hf_models):
     """A second prompt sharing the start of a decoding n=1 request's prompt splits that node mid-decode: its
     tokens are unchanged. An aborted one leaves only its prompt's K/V behind, and the cache still serves."""

@@ -46,7 +46,7 @@ class Request:
     node: Node | None = None  # the last node of the prompt's path (pinned while running)
     own: Node | None = None  # the node this request prefills (None when the prompt was all cached)
     scratch: Segment | None = None  # K/V of a logits-only recompute of the last prompt token
-    tail: bool = False  # its one row keeps its K/V after the prompt in `own`'s segment, not in the pool
+    tail: bool = False  # its one row keeps its K/V after the prompt in `node`'s segment, not in the pool
     prefilled: int = 0  # prompt tokens whose K/V exist
     first_logits: Tensor | None = None  # [V] next-token logits at the prompt's end, once known
     num_cached_tokens: int = 0
@@ -105,9 +105,10 @@ class Scheduler:
         parent = self.cache.root
         if m is not None:
             parent = self.cache.split(*m.partial) if m.partial else m.node
+        wants_tail = self.tails and n == 1 and req.params.beam_width == 1 and req.params.max_tokens > 1
         if matched < L:
             seg = None
-            if self.tails and n == 1 and req.params.beam_width == 1:  # room for its new tokens, if free
+            if wants_tail:  # room for its new tokens, if free
                 seg = self.storage.allocate(L - matched + req.params.max_tokens)
                 req.tail = seg is not None
             seg = seg or self.storage.allocate(L - matched)
@@ -115,6 +116,7 @@ class Scheduler:
             req.node = req.own
         else:  # the whole prompt is cached
             req.node = parent
+            req.tail = wants_tail and self._room_after(parent, req.params.max_tokens)
             if parent.logits is not None:
                 req.first_logits = parent.logits
             else:
@@ -129,6 +131,19 @@ class Scheduler:
         req.state = PREFILL
         self.running[req.request_id] = req
         return ADMITTED
+
+    def _room_after(self, node: Node, tokens: int) -> bool:
+        """Give a cached prompt node a segment with room for one sample's `tokens` after its K/V (a copy of
+        them), unless another sample already follows it there or the budget lacks the room."""
+        p, old = len(node.tokens), node.segment
+        if node.private or node.pending or old.capacity != p or p + tokens > self.storage.free_tokens:
+            return False
+        seg = self.storage.allocate(p + tokens)
+        seg.kv[:, :, :, :p] = old.kv[:, :, :, :p]  # [layers, 2, Hkv, p, D]
+        seg.length = p
+        self.storage.free(old)
+        node.segment = seg
+        return True
 
     @staticmethod
     def _needs_logits(m) -> bool:
