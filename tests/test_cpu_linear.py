@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from forklm.cpu_linear import (LowPrecisionLinear, PackedLinear, describe_kernels, fp16_weights_available,
+from forklm.cpu_linear import (LowPrecisionLinear, PackedLinear, describe_kernels, fp16_weights_available, kernel_bounds,
                                held_values, int4_available, int4_grid_bound, int8_available, int8_error_bound,
                                kernels_available, on_int4_grid, pack_int4, pack_int8, pack_linears, packing_available,
                                use_low_precision_linears)
@@ -199,6 +199,19 @@ def test_low_precision_linear_takes_non_contiguous_input(dtype, kernels):
     x = torch.randn(48, 6).to(dtype).t()  # [6, 48], column-major
     with torch.inference_mode():
         assert torch.equal(low(x), low(x.contiguous()))
+
+
+@needs_fp16
+def test_kernel_bounds_are_the_row_counts_where_a_linear_switches_kernels():
+    """What a compiled step branches on (the engine warms a batch above each): every menu's switch
+    points, once each, ascending; the last entry of a menu is no switch."""
+    model = nn.Sequential(LowPrecisionLinear(nn.Linear(32, 16).to(torch.bfloat16), ((4, "fp16"), (1 << 30, "dense"))),
+                          LowPrecisionLinear(nn.Linear(16, 16).to(torch.bfloat16), ((2, "fp16"), (8, "dense"),
+                                                                                    (1 << 30, "fp16"))),
+                          LowPrecisionLinear(nn.Linear(16, 32).to(torch.bfloat16), ((4, "dense"), (1 << 30, "fp16"))),
+                          nn.Linear(32, 8))
+    assert kernel_bounds(model) == [2, 4, 8]
+    assert kernel_bounds(nn.Sequential(nn.Linear(4, 4))) == []
 
 
 @needs_fp16

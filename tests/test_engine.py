@@ -59,6 +59,69 @@ def test_compiled_decode_equals_eager(folder):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+WARM_CHILD = r"""
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+from forklm import LLM, SamplingParams
+from forklm.kv import CacheShape
+torch.set_num_threads(2)
+llm = LLM(sys.argv[1], compile=True)
+engine = llm.make_engine(CacheShape(4, 8, 8, 64, 48))
+engine.warm_up()
+warm = {"graphs": counters["stats"]["unique_graphs"], "probes": engine.threads.probes,
+        "cached": engine.prefix_cache.cached_tokens(), "hits": engine.prefix_cache.hit_tokens}
+greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+jobs = [[(1, greedy)], [(2, SamplingParams(n=5, max_tokens=40, temperature=0.9, seed=1, ignore_eos=True)), (3, greedy)],
+        [(4, SamplingParams(n=3, max_tokens=30, temperature=1.0, top_k=7, seed=2, ignore_eos=True))], [(5, greedy)]]
+out = {}
+for batch in jobs:
+    for i, p in batch:
+        engine.add_request(str(i), [5 + i, 6, 7, 8, 9][: 2 + i], p)
+    while engine.has_unfinished():
+        engine.step()
+    for i, _ in batch:
+        out[str(i)] = [o.token_ids for o in engine.pop_output(str(i)).outputs]
+print(json.dumps({"warm": warm, "graphs": counters["stats"]["unique_graphs"], "probes": engine.threads.probes,
+                  "fallbacks": counters["stats"].get("recompile_limit", 0), "tokens": out}))
+"""
+
+
+def test_a_warmed_up_compiled_engine_compiles_nothing_while_it_serves(folder):
+    """`Engine.warm_up` (what the server runs before serving): afterwards one row, several rows, greedy,
+    sampled and mixed batches, and the thread governor's probes at one thread fewer compile no graph
+    (a probe that compiled would stall every running request); tokens as an eager engine's; nothing is
+    left in the prefix cache. In a fresh process: dynamo's graphs and recompile limit are per process."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", WARM_CHILD, folder], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    assert res["warm"]["graphs"] > 0 and res["warm"]["probes"] == 0
+    assert res["warm"]["cached"] == 0 and res["warm"]["hits"] == 0
+    assert res["probes"] >= 1 and res["graphs"] == res["warm"]["graphs"], res
+    eager = LLM(folder).make_engine(CacheShape(4, 8, 8, 64, 48))
+    greedy = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    for i, p in [(1, greedy), (2, SamplingParams(n=5, max_tokens=40, temperature=0.9, seed=1, ignore_eos=True)),
+                 (3, greedy), (4, SamplingParams(n=3, max_tokens=30, temperature=1.0, top_k=7, seed=2, ignore_eos=True))]:
+        eager.add_request(str(i), [5 + i, 6, 7, 8, 9][: 2 + i], p)
+        while eager.has_unfinished():
+            eager.step()
+        assert [o.token_ids for o in eager.pop_output(str(i)).outputs] == res["tokens"][str(i)]
+
+
+def test_warm_up_runs_on_an_idle_engine_and_leaves_nothing_behind(folder):
+    engine = LLM(folder).make_engine(CacheShape(2, 4, 4, 32, 8))
+    engine.warm_up()
+    assert not engine.has_unfinished() and engine.prefix_cache.cached_tokens() == 0
+    assert engine.storage.rows_in_use == 0 and engine.prefix_cache.hit_tokens == 0
+    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="idle"):
+        engine.warm_up()
+
+
 def test_each_prompt_has_its_own_n_and_params(folder):
     llm = LLM(folder)
     params = [SamplingParams(n=1, max_tokens=5, temperature=0, ignore_eos=True),

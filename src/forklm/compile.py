@@ -131,8 +131,8 @@ class LayerFns:
     the last position). One call per layer: in eager mode the same operators as the layers' own forward;
     compiled, what each call of a compiled graph costs (its guards, its wrapper) is paid once per layer,
     not twice. The compiled pieces depend only on the batch, which follows the live rows: one graph
-    serves one row, and one more every other row count (dynamo makes a size dynamic when it sees a second
-    one above 1; a kernel menu's branch between row counts, or another thread count, adds one). A new
+    serves one row, and one more every other row count (`_batch_dynamic`; a kernel menu's branch between
+    row counts, or another thread count, adds one: `Engine.warm_up` compiles them all up front). A new
     prompt length, prefix tree or level count never recompiles them, and one graph of `between` serves
     every layer (parameters are graph inputs)."""
 
@@ -141,13 +141,29 @@ class LayerFns:
     last: Callable
 
 
+def _batch_dynamic(fn: Callable) -> Callable:
+    """`fn` with the batch (dim 0 of its tensor arguments, rope's tables included) marked dynamic from
+    the second row on: one graph for one row and one for every other row count (per branch of the
+    linears' kernel menus), compiled at the first call of each, instead of a static graph at the first
+    size and a dynamic one at the second."""
+    def call(*args):
+        tensors = [a for a in args if isinstance(a, Tensor)] + [t for a in args if isinstance(a, tuple)
+                                                                 for t in a if isinstance(t, Tensor)]
+        if tensors[0].shape[0] > 1:
+            for t in tensors:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        return fn(*args)
+
+    return call
+
+
 def layer_fns(compile: bool) -> LayerFns:
     if not compile:
         return LayerFns(_first, _between, _last)
     settle_cpu_vec_isa()
 
     def c(fn, name):
-        return with_eager_fallback(torch.compile(fn, fullgraph=True), fn, name)
+        return with_eager_fallback(_batch_dynamic(torch.compile(fn, fullgraph=True)), fn, name)
 
     log.info("decode step compiled with torch.compile(fullgraph=True), one piece per layer cut at attention")
     return LayerFns(c(_first, "embedding and first layer"), c(_between, "layer"), c(_last, "last layer and LM head"))

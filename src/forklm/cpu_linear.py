@@ -442,6 +442,12 @@ class LowPrecisionLinear(nn.Module):
                 f"dtype={self.dtype}, kernels={self.kernels}")
 
 
+def kernel_bounds(model: nn.Module) -> list[int]:
+    """The row counts after which some linear of `model` switches to another kernel, ascending (a
+    compiled step branches there: one more graph above each)."""
+    return sorted({rows for m in model.modules() if isinstance(m, LowPrecisionLinear) for rows, _ in m.kernels[:-1]})
+
+
 KERNEL_WORDS = {"int4": "int4 weights", "int8": "int8 weights", "fp16": "float16 weights", "dense": "dense"}
 
 

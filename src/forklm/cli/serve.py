@@ -107,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
         name, aliases = args.served_model_name or str(args.model), {str(args.model), Path(str(args.model)).name}
     metrics = Metrics(name)
     runner = EngineRunner(engine, metrics, max_queue=args.max_queue, request_timeout=args.request_timeout)
-    sys.stderr.write("forklm serve: warming up" + (" (compiling the decode step: tens of seconds on a small CPU)"
-                                                  if args.compile else "") + " ...\n")
+    sys.stderr.write("forklm serve: warming up" + (" (compiling the decode step for each batch kind and thread count "
+                                                   "it will run: minutes on a small CPU the first time, seconds from "
+                                                   "torch's caches after)" if args.compile else "") + " ...\n")
     sys.stderr.flush()
     runner.warm_up()
     if llm.tokenizer is not None:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..checkpoint import apply_weight_updates
 from ..compile import graphs_compiled, make_sample_fn
+from ..cpu_linear import kernel_bounds
 from ..errors import CapacityError, ContextLengthError, InvalidParameterError, TokenizerError
 from ..kv.prefix_cache import PrefixCache
 from ..kv.storage import CacheShape, KVStorage
@@ -199,6 +200,55 @@ class Engine:
     def pop_output(self, request_id: str) -> RequestOutput | None:
         """The final output of a finished request (once)."""
         return self._done.pop(request_id, None)
+
+    def warm_up(self) -> None:
+        """Run, before any request, what a first request would otherwise wait for: the first step of
+        each kind and, compiled, every graph the steps use (`_warm_up_batches`) at the thread count the
+        steps run at and at the one the thread governor probes first: each count is another set of
+        graphs, and a probe that compiled them mid-serve would stall every running request for
+        seconds. Leaves nothing cached."""
+        if self.has_unfinished():
+            raise RuntimeError("warm_up runs on an idle engine")
+        counts = [self.threads.current]
+        if self.compile and self.threads.enabled and self.threads.current > 1:
+            counts.append(self.threads.current - 1)
+        adaptive, hits = self.threads.enabled, self.prefix_cache.hit_tokens
+        self.threads.enabled = False  # the counts are set here, and nothing is measured
+        prompt = [0, 1, 2][: self.shape.max_prompt_len]
+        try:
+            for threads in counts:
+                torch.set_num_threads(threads)
+                for b, batch in enumerate(self._warm_up_batches()):
+                    ids = [f"__warmup_{threads}_{b}_{i}__" for i in range(len(batch))]
+                    for rid, params in zip(ids, batch):
+                        self.add_request(rid, prompt, params)
+                    while self.has_unfinished():
+                        self.step()
+                    for rid in ids:
+                        self.pop_output(rid)
+        finally:
+            self.threads.enabled = adaptive
+            torch.set_num_threads(self.threads.current)
+            self.prefix_cache.clear()
+            self.prefix_cache.hit_tokens = hits
+
+    def _warm_up_batches(self) -> list[list[SamplingParams]]:
+        """Requests decoded together, batch after batch: one greedy row (the first step of each kind) and,
+        compiled, what the graphs branch on: several rows (the compiled pieces are dynamic in the batch
+        from the second row, `compile.layer_fns`) and a batch above each row count where a linear
+        switches kernels. (The compiled draw has one graph for greedy, sampled and mixed rows.)"""
+        tokens = min(4, self.shape.max_new_tokens)
+        batches = [[SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)]]
+        if not self.compile:
+            return batches
+        S, per = self.shape.max_samples, self.shape.max_samples_per_prompt
+
+        def sampled(rows: int) -> list[SamplingParams]:  # `rows` rows in requests of at most `per` samples
+            return [SamplingParams(n=min(per, rows - a), max_tokens=tokens, temperature=1.0, seed=0, ignore_eos=True)
+                    for a in range(0, rows, per)]
+
+        sizes = ([2] if S >= 2 else []) + [b + 1 for b in kernel_bounds(self.model) if 2 < b + 1 <= S]
+        return batches + [sampled(rows) for rows in sizes]
 
     # ---- one step ---------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -59,12 +59,13 @@ def sample(logits: Tensor, t: SamplingTensors, h: TokenHistory) -> SampleResult:
     (seed, sample index, step = tokens generated so far), so a row's draw does not depend on the
     batch around it.
     """
-    if t.all_greedy:
+    compiling = torch.compiler.is_compiling()
+    if not compiling and t.all_greedy:  # compiled, one graph serves greedy, sampled and mixed batches
         tokens = logits.argmax(dim=-1)  # [S]
     else:
         s, v = logits.shape
         token_keys, step = vocab_keys(v, logits.device), h.generated  # [1, V], [S]
-        if torch.compiler.is_compiling() or logits.device.type != "cpu":  # one fused loop (any row count)
+        if compiling or logits.device.type != "cpu":  # one fused loop (any row count)
             tokens = _race(logits, t, step, slice(None), token_keys)  # [S]
         else:
             # Eagerly the draw is ~16 elementwise passes over [S, V]: blocks of rows that stay in the
@@ -90,6 +91,6 @@ def _race(logits: Tensor, t: SamplingTensors, step: Tensor, rows: slice, token_k
     """
     u = uniform(t.seeds[rows], t.sample_index[rows], step[rows], t.vocab_size, token_keys)  # [b, V] in (0, 1)
     race = u.log_().neg_().log_().neg_().add_(logits)  # [b, V] logits - log(-log u), in place
-    if t.any_greedy:
+    if torch.compiler.is_compiling() or t.any_greedy:  # greedy rows take their logits' argmax
         race = torch.where(t.greedy[rows, None], logits, race)  # [b, V]
     return race.argmax(dim=-1)  # [b]

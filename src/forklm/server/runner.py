@@ -168,12 +168,9 @@ class EngineRunner:
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def warm_up(self) -> None:
-        """One tiny request through the engine before serving, so the first client is not slow."""
-        rid = "__warmup__"
-        self.engine.add_request(rid, [0], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-        while self.engine.has_unfinished():
-            self.engine.step()
-        self.engine.pop_output(rid)
+        """Tiny requests through the engine before serving (`Engine.warm_up`), so that the first clients
+        wait for no first step and, compiled, no compiling."""
+        self.engine.warm_up()
 
     def start(self) -> None:
         """The engine loop in a thread of its own."""
