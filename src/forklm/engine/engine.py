@@ -206,7 +206,8 @@ class Engine:
         each kind and, compiled, every graph the steps use (`_warm_up_batches`) at the thread count the
         steps run at and at the one the thread governor probes first: each count is another set of
         graphs, and a probe that compiled them mid-serve would stall every running request for
-        seconds. Leaves nothing cached."""
+        seconds. For a fresh engine (the server's, before serving): the prefix cache is cleared after
+        it, and its hit count left as it was."""
         if self.has_unfinished():
             raise RuntimeError("warm_up runs on an idle engine")
         counts = [self.threads.current]
