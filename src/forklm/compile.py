@@ -147,11 +147,11 @@ def _batch_dynamic(fn: Callable) -> Callable:
     linears' kernel menus), compiled at the first call of each, instead of a static graph at the first
     size and a dynamic one at the second."""
     def call(*args):
-        tensors = [a for a in args if isinstance(a, Tensor)] + [t for a in args if isinstance(a, tuple)
-                                                                 for t in a if isinstance(t, Tensor)]
-        if tensors[0].shape[0] > 1:
-            for t in tensors:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
+        if args[2].shape[0] > 1:  # every piece's third argument is the batch's tokens or hidden states
+            for a in args:
+                for t in a if isinstance(a, tuple) else (a,):
+                    if isinstance(t, Tensor):
+                        torch._dynamo.maybe_mark_dynamic(t, 0)
         return fn(*args)
 
     return call
