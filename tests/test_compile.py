@@ -83,3 +83,30 @@ def test_the_cpu_vec_isa_verdict_is_kept_for_later_processes(monkeypatch, tmp_pa
     monkeypatch.setattr(cpu_vec_isa, "valid_vec_isa_list", lambda: probes.append(1) or [])
     settle_cpu_vec_isa()
     assert probes == [] and inductor_config.cpp.vec_isa_ok is (True if entry["all_ok"] else None)
+
+
+def test_the_compiled_sampler_builds_no_graph_for_another_number_of_log_probs():
+    """Each request may ask for its own K top log probs; the compiled draw does not depend on K (the
+    alternatives are taken eagerly after it), so K = 1, 3, 6, ... build no graph after the first call,
+    and every result equals the eager sampler's."""
+    from torch._dynamo.utils import counters
+
+    from forklm.compile import make_sample_fn
+    from forklm.sampling import RowSpec, SamplingParams, SamplingTensors, TokenHistory, process_logits, sample
+
+    compiled = make_sample_fn(True)
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(3)) * 2
+    h = TokenHistory.from_prompts([[1, 2], [3], [4, 4]], 8, 40)
+    graphs = []
+    for k in (None, 1, 3, 6, 2, 9, 4, 7, 5, 8, 10):
+        params = [SamplingParams(temperature=0.0, logprobs=k), SamplingParams(temperature=0.9, logprobs=k),
+                  SamplingParams(top_k=5, logprobs=0 if k is None else k - 1)]
+        t = SamplingTensors.build([RowSpec(p, i, 7 + i) for i, p in enumerate(params)], 40, "cpu")
+        processed = process_logits(logits, t, h)
+        ours, ref = compiled(processed, t, h), sample(processed, t, h)
+        assert torch.equal(ours.tokens, ref.tokens) and torch.allclose(ours.logprobs, ref.logprobs)
+        assert torch.equal(ours.top_logprobs[1], ref.top_logprobs[1]) and torch.equal(ours.ranks, ref.ranks)
+        assert torch.allclose(ours.top_logprobs[0], ref.top_logprobs[0])
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[-1] == graphs[0], graphs
+    assert counters["stats"].get("recompile_limit", 0) == 0

@@ -96,17 +96,24 @@ def graphs_compiled(compile: bool) -> int:
 def make_sample_fn(compile: bool) -> Callable:
     """`sampling.sample` (counter-based noise, race, log probs), compiled when asked.
 
-    Only the draw is compiled: its hash over [S, V] is most of the sampling time in eager mode
-    (~20 ms at S=64, V=32000 on 2 cores, ~4.5 compiled). `process_logits` stays eager: inductor's
-    CPU sort made top-p slower (measured 102 ms eager vs 272 compiled at S=64, V=32000).
+    Only the draw and the chosen tokens' log probs are compiled (`sampling.draw`): its hash over [S, V]
+    is most of the sampling time in eager mode (~20 ms at S=64, V=32000 on 2 cores, ~4.5 compiled). The
+    top alternatives a request asks for run eagerly after it, so that another K is no other graph.
+    `process_logits` stays eager: inductor's CPU sort made top-p slower (measured 102 ms eager vs 272
+    compiled at S=64, V=32000).
     """
-    from .sampling import sample
+    from .sampling import draw, sample, with_alternatives
 
     if not compile:
         return sample
     settle_cpu_vec_isa()
     # dynamic from the start: one graph for one row, one for every other row count (the batch follows the load)
-    return with_eager_fallback(torch.compile(sample, fullgraph=True, dynamic=True), sample, "sampler")
+    compiled = with_eager_fallback(torch.compile(draw, fullgraph=True, dynamic=True), draw, "sampler")
+
+    def compiled_sample(logits: Tensor, t, h):
+        return with_alternatives(logits, *compiled(logits, t, h), t.max_logprobs)
+
+    return compiled_sample
 
 
 def _first(model, block, tokens: Tensor, positions: Tensor):

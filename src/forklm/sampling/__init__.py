@@ -8,7 +8,7 @@ from forklm.sampling.beam import BeamSearchState, BeamStep
 from forklm.sampling.params import SamplingParams
 from forklm.sampling.processors import process_logits
 from forklm.sampling.random import fresh_seed, uniform
-from forklm.sampling.sampler import SampleResult, compute_logprobs, sample
+from forklm.sampling.sampler import SampleResult, compute_logprobs, draw, sample, with_alternatives
 from forklm.sampling.speculative import verify_draws
 from forklm.sampling.tensors import RowSpec, SamplingTensors, TokenHistory
 
@@ -21,9 +21,11 @@ __all__ = [
     "SamplingTensors",
     "TokenHistory",
     "compute_logprobs",
+    "draw",
     "fresh_seed",
     "process_logits",
     "sample",
     "uniform",
     "verify_draws",
+    "with_alternatives",
 ]

@@ -38,22 +38,35 @@ class SampleResult:
     rank); None when no row asked for logprobs."""
 
 
-def compute_logprobs(logits: Tensor, tokens: Tensor, max_logprobs: int | None) -> SampleResult:
-    """Log probs of `tokens [S]` under softmax(`logits [S, V]`), with the top `max_logprobs`
-    alternatives and the chosen tokens' ranks when `max_logprobs` is not None."""
+def chosen_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """[S]: log probs of `tokens [S]` under softmax(`logits [S, V]`)."""
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [S, 1]
-    chosen_logit = logits.gather(1, tokens[:, None])  # [S, 1]
-    chosen = (chosen_logit - lse).squeeze(1)  # [S]
+    return (logits.gather(1, tokens[:, None]) - lse).squeeze(1)  # [S]
+
+
+def with_alternatives(logits: Tensor, tokens: Tensor, chosen: Tensor, max_logprobs: int | None) -> SampleResult:
+    """The result for `tokens [S]` with log probs `chosen [S]`, plus the top `max_logprobs` alternatives
+    and the chosen tokens' ranks when `max_logprobs` is not None. Apart from the draw: compiled, a new K
+    would otherwise build another graph of the whole draw (and enough distinct K would pass dynamo's
+    recompile limit)."""
     top = ranks = None
     if max_logprobs is not None:
         values, ids = torch.topk(logits, max_logprobs, dim=-1)  # [S, K] each, descending
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [S, 1]
         top = (values - lse, ids)
-        ranks = (logits > chosen_logit).sum(dim=-1) + 1  # [S]
+        ranks = (logits > logits.gather(1, tokens[:, None])).sum(dim=-1) + 1  # [S]
     return SampleResult(tokens, chosen, top, ranks)
 
 
-def sample(logits: Tensor, t: SamplingTensors, h: TokenHistory) -> SampleResult:
-    """Draw one token per row from processed logits [S, V] float32 (the output of `process_logits`).
+def compute_logprobs(logits: Tensor, tokens: Tensor, max_logprobs: int | None) -> SampleResult:
+    """Log probs of `tokens [S]` under softmax(`logits [S, V]`), with the top `max_logprobs`
+    alternatives and the chosen tokens' ranks when `max_logprobs` is not None."""
+    return with_alternatives(logits, tokens, chosen_logprobs(logits, tokens), max_logprobs)
+
+
+def draw(logits: Tensor, t: SamplingTensors, h: TokenHistory) -> tuple[Tensor, Tensor]:
+    """One token per row from processed logits [S, V] float32 (the output of `process_logits`) and its
+    log prob: tokens [S] int64, logprobs [S] float32.
 
     Greedy rows take the argmax. Sampled rows draw with counter-based uniforms keyed by
     (seed, sample index, step = tokens generated so far), so a row's draw does not depend on the
@@ -73,7 +86,12 @@ def sample(logits: Tensor, t: SamplingTensors, h: TokenHistory) -> SampleResult:
             block = max(1, RACE_BLOCK // v)
             parts = [_race(logits[r : r + block], t, step, slice(r, r + block), token_keys) for r in range(0, s, block)]
             tokens = parts[0] if len(parts) == 1 else torch.cat(parts)  # [S]
-    return compute_logprobs(logits, tokens, t.max_logprobs)
+    return tokens, chosen_logprobs(logits, tokens)
+
+
+def sample(logits: Tensor, t: SamplingTensors, h: TokenHistory) -> SampleResult:
+    """`draw`, with the top alternatives and ranks when a row asked for log probs."""
+    return with_alternatives(logits, *draw(logits, t, h), t.max_logprobs)
 
 
 RACE_BLOCK = 1 << 18  # elements of [S, V] per block of the eager draw (1 MB of float32)
