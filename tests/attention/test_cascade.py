@@ -226,3 +226,40 @@ def test_a_tail_row_feeds_one_token_per_step():
     seg = _segment(2, 4, 8, torch.float32, spare=4)
     with pytest.raises(ValueError, match="one token"):
         build_decode_plan([0], [2], [0], [4], [True], [(0, seg, 5, [0])], "cpu", {0: (seg, 4)})
+
+
+@pytest.mark.parametrize("prompt, own", [(1, 0), (16, 5), (299, 1)])
+@pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_alone_after_its_prompt_takes_the_short_path_and_matches_sdpa(prompt, own, heads, dtype, monkeypatch):
+    """One row whose K/V follow its prompt and that reads nothing else (n=1 after a cached prompt):
+    the short path writes this token's K/V at its slot of the layer asked for and attends to the valid
+    keys only (garbage past them), as SDPA over them and as the general path (pool, levels, merge)."""
+    torch.manual_seed(prompt + 7 * heads[1])
+    h, hkv = heads
+    d, layers, layer = 16, 3, 2
+    slot = prompt + own
+    kv = torch.randn(layers, 2, hkv, slot + 4, d).to(dtype)
+    kv[..., slot + 1:, :] *= 50  # past this step's slot: never read
+    results = []
+    for short in (True, False):
+        if not short:
+            monkeypatch.setattr("forklm.attention.cascade._only_tail", lambda plan: None)
+        seg = Segment(kv.clone(), prompt)
+        plan = build_decode_plan([0], [1], [0], [slot], [True], [(0, seg, slot + 1, [0])], "cpu", {0: (seg, slot)})
+        torch.manual_seed(1)
+        q, k, v = (torch.randn(1, x, 1, d).to(dtype) for x in (h, hkv, hkv))
+        pool = _Pool(1, hkv, 4, d, dtype)
+        pool.k, pool.v = pool.k * layers, pool.v * layers  # the general path takes the layer's pool buffers
+        attn = DecodeAttention(pool, plan)
+        assert (attn._tail is not None) == short
+        out = attn.attend(layer, q, k, v)  # [1, H, 1, D]
+        assert out.shape == (1, h, 1, d) and out.dtype == dtype
+        assert torch.equal(seg.k(layer)[:, slot], k[0, :, 0]) and torch.equal(seg.v(layer)[:, slot], v[0, :, 0])
+        written = seg.kv.clone()
+        written[layer, :, :, slot] = kv[layer, :, :, slot]
+        assert torch.equal(written, kv)  # nothing else written, other layers untouched
+        ref = _reference(q[0, :, 0], seg.k(layer)[:, : slot + 1], seg.v(layer)[:, : slot + 1])
+        assert (out[0, :, 0].float() - ref).abs().max() < TOL[dtype]
+        results.append(out)
+    assert (results[0].float() - results[1].float()).abs().max() < TOL[dtype]

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kv.plan import DecodePlan, LevelGroup, PrefillChunk
+from ..kv.plan import DecodePlan, LevelGroup, PrefillChunk, TailWrite
 from ..kv.storage import SamplePool, flat_index, write_at
-from .ops import (KeyMask, attention_with_lse, attention_with_lse_per_query, causal_attention, causal_attention_with_lse,
+from .ops import (KeyMask, attention, attention_with_lse, attention_with_lse_per_query, causal_attention, causal_attention_with_lse,
                   key_mask, merge_with_lse)
 
 
@@ -57,6 +57,17 @@ def _group_pass(qz: Tensor, group: LevelGroup, k: Tensor, v: Tensor, scale: floa
     return out[group.out_index], lse[group.out_index]  # [U, H, D], [U, H]
 
 
+def _only_tail(plan: DecodePlan) -> TailWrite | None:
+    """The plan's one row when it keeps its K/V after its prompt and reads nothing else (no pool pass, one
+    level: its own segment); else None."""
+    if plan.pool_pass or len(plan.tails) != 1 or plan.num_rows != 1 or len(plan.groups) != 1:
+        return None
+    group = plan.groups[0]
+    if group.query_index is not None or group.passes[0].segment is not plan.tails[0].segment:
+        return None
+    return plan.tails[0]
+
+
 class DecodeAttention:
     """One decode step's attention. What depends only on the plan (the pool's write index, each
     level's key mask) is built at the first layer and reused by the others: the lengths are the same
@@ -67,6 +78,8 @@ class DecodeAttention:
         self._stacks: dict[int, Tensor] = {}  # group -> [2, P, Hkv, W, D] zeros, refilled per layer
         self._write_index: Tensor | None = None  # [N * Hkv] into a pool buffer's flat [S*Hkv*T, D] view
         self._masks: dict[object, KeyMask | None] = {}  # "pool" / group index -> its key mask (CPU only)
+        self._tail = _only_tail(plan)
+        self._tail_index: Tensor | None = None  # [2 * Hkv] into the tail segment's flat [2*Hkv*cap, D] layer
 
     def _mask(self, key, valid: Tensor, length: int, q: Tensor) -> KeyMask | None:
         if q.device.type != "cpu":
@@ -86,8 +99,25 @@ class DecodeAttention:
             buf[:, j, :, : lp.length] = lp.segment.kv[layer, :, :, : lp.length]  # [2, Hkv, n, D]
         return buf[0], buf[1]
 
+    def _attend_tail(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The one row reads only its prompt's segment, its own K/V after the prompt: write them, attend to
+        the segment's valid keys in place: no pool pass, LSE, mask or merge. (The general path below gives the
+        same for this plan, in about twice the operators a layer: what an n=1 step mostly spends on.)"""
+        tw, n = self._tail, self.plan.groups[0].width  # n: the prompt and this row's tokens, this one included
+        kv = tw.segment.kv[layer]  # [2, Hkv, cap, D]
+        _, hkv, cap, d = kv.shape
+        if self._tail_index is None:
+            self._tail_index = torch.arange(2 * hkv, device=kv.device) * cap + tw.slot  # [2*Hkv]: K then V heads
+        new = torch.cat((k.reshape(hkv, d), v.reshape(hkv, d)))  # [1, Hkv, 1, D] each -> [2*Hkv, D]
+        kv.view(2 * hkv * cap, d).index_copy_(0, self._tail_index, new)
+        h = q.shape[1]
+        out = attention(q.reshape(1, hkv, h // hkv, d), kv[0:1, :, :n], kv[1:2, :, :n], d**-0.5)  # [1, Hkv, G, D]
+        return out.reshape(1, h, 1, d)  # [1, H, 1, D]
+
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q [N, H, 1, D]; k, v [N, Hkv, 1, D]: one query token per row, or several (a verified draft)
+        if self._tail is not None:
+            return self._attend_tail(layer, q, k, v)
         plan, pool = self.plan, self.pool
         kp, vp = pool.k[layer], pool.v[layer]  # [S, Hkv, T, D]
         pt = plan.pool_tokens  # None: every token's K/V goes to the pool

@@ -43,6 +43,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "attention",
     "attention_with_lse",
     "attention_with_lse_per_query",
     "causal_attention_with_lse",
@@ -239,6 +240,16 @@ def attention_with_lse(
     except RuntimeError as exc:  # a private kernel refusing these shapes/strides
         logger.debug("attention kernel %s refused, using reference: %s", kernel.__name__, exc)
         return attention_with_lse_reference(q, k, v, valid_len, scale)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Non-causal attention of M query rows per kv head to every key, without the LSE (a row's only
+    level: nothing to merge). q: [B, Hkv, M, D]; k, v: [B, Hkv, L, D], L > 0 -> [B, Hkv, M, D]."""
+    if q.device.type == "cpu" and q.shape[-2] == 1 and q.dtype != torch.float32:
+        # one bf16/fp16 query row takes the CPU flash kernel's slow path: two copies run faster (as in
+        # _cpu_flash_with_lse)
+        return F.scaled_dot_product_attention(torch.cat([q, q], dim=-2), k, v, scale=scale)[:, :, :1]
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def attention_with_lse_per_query(
