@@ -363,6 +363,25 @@ def test_int4_linear_compiles_and_takes_non_contiguous_input():
 
 
 @needs_int4
+def test_an_int4_linear_runs_its_current_weights_after_a_repack_and_after_its_buffers_are_replaced():
+    """Eager calls read the int4 tensors from one plain attribute (not the buffers): it follows `repack`
+    and anything that replaces the buffers (`nn.Module._apply`: share_memory, to, ...)."""
+    lin = q4_linear(64, 32, True, torch.bfloat16, 8)
+    low = LowPrecisionLinear(lin, INT4_DENSE)
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    new = quantize_values(torch.randn(32, 64), "int4").to(torch.bfloat16)
+    fresh = LowPrecisionLinear(q4_linear(64, 32, True, torch.bfloat16, 9), INT4_DENSE)
+    fresh.bias.copy_(low.bias)
+    fresh.repack(new)
+    low.repack(new)
+    assert low.kernel_for(1) == "int4" and torch.equal(low(x), fresh(x))
+    low._apply(lambda t: t.clone())
+    assert low._int4[0] is low.weight_int4 and low._int4[1] is low.int4_scales_zeros and low._int4[2] is low.bias
+    low.int4_scales_zeros.zero_()  # the buffer the module holds now: what eager calls must read
+    assert torch.equal(low(x), low.bias.expand(1, 32))
+
+
+@needs_int4
 def test_new_weights_off_the_grid_make_an_int4_linear_dense_and_exact(caplog):
     lin = q4_linear(64, 32, False, torch.bfloat16, 6)
     x = torch.randn(2, 64).to(torch.bfloat16)

@@ -405,6 +405,17 @@ class LowPrecisionLinear(nn.Module):
         self.register_buffer("weight_int8", q, persistent=False)
         self.register_buffer("int8_scales", s, persistent=False)
         self.register_buffer("weight", dense, persistent=False)
+        self._keep_int4_args()
+
+    def _keep_int4_args(self) -> None:
+        # the int4 kernel's tensors in one plain attribute for eager calls: buffers are read through
+        # nn.Module.__getattr__, a Python call each, and an n=1 step makes ~200 calls of this linear
+        self._int4 = (self.weight_int4, self.int4_scales_zeros, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._keep_int4_args()  # the buffers were replaced
+        return out
 
     def kernel_for(self, rows: int) -> str:
         for max_rows, name in self.kernels:
@@ -416,10 +427,12 @@ class LowPrecisionLinear(nn.Module):
         kernel = self.kernel_for(x.numel() // self.in_features)
         compiling = torch.compiler.is_compiling()  # custom ops under compile: opaque to inductor
         if kernel == "int4":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(),
-                                                           self.weight_int4, INT4_GROUP, self.int4_scales_zeros)
-            y = y.view(*x.shape[:-1], self.out_features)  # [rows, in] -> [rows, out] -> [..., out]
-            return y if self.bias is None else y + self.bias
+            # compiled: the buffers, graph inputs that one graph shares across layers
+            w, sz, bias = (self.weight_int4, self.int4_scales_zeros, self.bias) if compiling else self._int4
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), w,
+                                                           INT4_GROUP, sz)  # [rows, in] -> [rows, out]
+            y = y.view(*x.shape[:-1], self.out_features)  # [..., out]
+            return y if bias is None else y + bias
         if kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight_int8,
                                                    self.int8_scales)  # [rows, in] -> [rows, out]
