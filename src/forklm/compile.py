@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import subprocess
 from collections.abc import Callable
@@ -20,17 +21,19 @@ log = logging.getLogger(__name__)
 
 
 def settle_cpu_vec_isa() -> None:
-    """Spare each process inductor's probe of the CPU's SIMD instruction sets when an earlier one found
-    them all usable.
+    """Spare each process inductor's probe of the CPU's SIMD instruction sets, and probe only the one it
+    would pick.
 
-    inductor's C++ backend checks every instruction set the CPU flags name (AVX2, AVX-512, ...) by
-    building a test library with it (once per inductor cache folder: ~9 s on the 2-core host) and
-    loading each in a child process (in every process: ~0.8 s of a 4 s warm start there). The answer
-    depends only on the CPU, the C++ compiler and torch, so it is kept in forklm's cache under those;
-    when every candidate passed, inductor's own `config.cpp.vec_isa_ok` is set, which skips the probe
-    and picks the same instruction set. It is set in the process that ran the probe too: that setting
-    is part of the compiled graphs' cache keys, so both processes share their graphs. Anything
-    unexpected (another torch's internals, no compiler) leaves inductor to probe as it does."""
+    inductor's C++ backend checks every instruction set the CPU flags name (AVX-512 VNNI, AVX-512, AVX2)
+    by building a test library with each (once per inductor cache folder: ~7.5 s for three on the 2-core
+    host) and loading each in a child process (in every process: ~0.8 s of a 4 s warm start there), then
+    uses the first that passed, or the first named by `ATEN_CPU_CAPABILITY`. Only that one matters:
+    forklm checks it alone (~2.8 s), through inductor's own check, and keeps the verdict in its cache
+    under the CPU flags, the variable, the C++ compiler and torch. When it passed, inductor's own
+    `config.cpp.vec_isa_ok` is set, which skips the probe and picks that same instruction set; it is set
+    in the process that ran the check too, as that setting is part of the compiled graphs' cache keys.
+    When it failed, or anything is unexpected (another torch's internals, no compiler), inductor probes
+    as it does."""
     try:
         from torch._inductor import config as inductor_config
         from torch._inductor import cpu_vec_isa
@@ -39,29 +42,32 @@ def settle_cpu_vec_isa() -> None:
         if inductor_config.cpp.vec_isa_ok is not None or platform.machine() not in ("x86_64", "AMD64"):
             return
         flags = cpu_vec_isa.x86_isa_checker()
-        candidates = [str(isa) for isa in cpu_vec_isa.supported_vec_isa_list
+        candidates = [isa for isa in cpu_vec_isa.supported_vec_isa_list
                       if all(f in flags for f in str(isa).split())]
+        capability = os.environ.get("ATEN_CPU_CAPABILITY")
+        if not candidates or capability == "default":
+            return
+        chosen = cpu_vec_isa.get_isa_from_cpu_capability(capability, candidates, cpu_vec_isa.invalid_vec_isa)
         compiler = get_cpp_compiler()
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = {"candidates": candidates, "compiler": compiler, "version": version.splitlines()[:1],
-               "torch": torch.__version__}
+        key = {"candidates": [str(isa) for isa in candidates], "chosen": str(chosen), "capability": capability,
+               "compiler": compiler, "version": version.splitlines()[:1], "torch": torch.__version__}
     except Exception as exc:  # noqa: BLE001 - any failure: inductor probes as usual
         log.debug("inductor's vector ISA probe left as it is: %s", exc)
         return
     path = cache_dir() / f"inductor-vec-isa-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]}.json"
     try:
         entry = json.loads(path.read_text())
-        all_ok = entry["all_ok"] if entry["key"] == key else None
+        ok = entry["ok"] if entry["key"] == key else None
     except (OSError, ValueError, KeyError, TypeError):
-        all_ok = None
-    if all_ok is None:
-        valid = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]  # inductor's own probe, this once
-        all_ok = valid == candidates
+        ok = None
+    if ok is None:
+        ok = bool(chosen)  # inductor's own check of this one instruction set (vec_isa_ok is None here)
         try:
-            write_cache_file(path, json.dumps({"key": key, "all_ok": all_ok, "valid": valid}))
+            write_cache_file(path, json.dumps({"key": key, "ok": ok}))
         except OSError:
             pass
-    if all_ok:
+    if ok:
         inductor_config.cpp.vec_isa_ok = True
 
 
