@@ -166,6 +166,35 @@ def test_attention_with_lse_paths(path, length, m, dtype):
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m", [2, 9, 192])
+@pytest.mark.parametrize("length", [1, 37, 600])
+def test_every_key_valid_runs_the_kernel_without_a_mask_and_gives_the_masked_result(length, m, dtype):
+    """Rows that all see every key (a prompt's segment read to its end, sample rows in lockstep) need no
+    mask: `key_mask` says so (additive None) and the kernel's result is that of the zero mask, bitwise;
+    one row a key short, or an empty row, keeps a mask."""
+    from forklm.attention.ops import key_mask
+
+    torch.manual_seed(7 * length + m)
+    b, hkv, d = 3, 3, 64
+    q, k, v, valid_len = _lse_inputs(b, hkv, m, length, d, dtype, [length] * b)
+    full = key_mask(valid_len, length, dtype)
+    assert full.additive is None and full.empty is None
+    out, lse = _cpu_flash_with_lse(q, k, v, valid_len, 0.125, full)
+    zeros = torch.zeros(b, 1, 1, length, dtype=dtype)
+    want_out, want_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=zeros, scale=0.125)[:2]
+    if m == 1:
+        want_out, want_lse = want_out[:, :, :1], want_lse[:, :, :1]
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse.float())
+    naive_out, naive_lse = _naive_lse(q, k, v, valid_len, 0.125)
+    assert (out.double() - naive_out).abs().max().item() <= TOL[dtype]
+    assert (lse.double() - naive_lse).abs().max().item() <= TOL[dtype]
+    for short in ([length - 1, length, length], [length, 0, length]):
+        masked = key_mask(torch.tensor(short), length, dtype)
+        assert masked.additive is not None and masked.additive.shape == (b, 1, 1, length)
+        assert (masked.empty is not None) == (0 in short)
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 0, 5, 16), (2, 3, 4, 0, 16)], ids=["no_query", "no_key"])
 def test_attention_with_lse_empty_shapes(shape):
     """M == 0 or L == 0 must not reach the CPU kernel (it SIGFPEs there)."""
