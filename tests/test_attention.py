@@ -260,6 +260,8 @@ def test_merge_never_empty_matches_guarded_merge(dtype):
     assert torch.allclose(fast_lse, ref_lse, atol=1e-5, rtol=1e-6)
     assert (fast_out.float() - ref_out.float()).abs().max().item() <= (1e-6 if dtype == torch.float32 else 1e-2)
     assert torch.equal(fast_out[0], out_a[0]) and torch.equal(fast_lse[0], lse_a[0])
+    last_out, no_lse = merge_with_lse(out_a, lse_a, out_b, lse_b, may_be_empty=False, need_lse=False)  # a last merge
+    assert no_lse is None and torch.equal(last_out, fast_out)
 
 
 def _masked_softmax_attention(q, k, v, keep, scale):

@@ -426,18 +426,17 @@ class LowPrecisionLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         kernel = self.kernel_for(x.numel() // self.in_features)
         compiling = torch.compiler.is_compiling()  # custom ops under compile: opaque to inductor
-        if kernel == "int4":
-            # compiled: the buffers, graph inputs that one graph shares across layers
-            w, sz, bias = (self.weight_int4, self.int4_scales_zeros, self.bias) if compiling else self._int4
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).contiguous(), w,
-                                                           INT4_GROUP, sz)  # [rows, in] -> [rows, out]
-            y = y.view(*x.shape[:-1], self.out_features)  # [..., out]
+        if kernel in ("int4", "int8"):  # 2-D kernels: rows [rows, in] -> [rows, out]
+            rows = x.contiguous() if x.dim() == 2 else x.reshape(-1, self.in_features).contiguous()  # the model's are 2-D
+            if kernel == "int4":
+                # compiled: the buffers, graph inputs that one graph shares across layers
+                w, sz, bias = (self.weight_int4, self.int4_scales_zeros, self.bias) if compiling else self._int4
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, w, INT4_GROUP, sz)
+            else:
+                y, bias = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.int8_scales), self.bias
+            if x.dim() != 2:
+                y = y.view(*x.shape[:-1], self.out_features)  # [..., out]
             return y if bias is None else y + bias
-        if kernel == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.weight_int8,
-                                                   self.int8_scales)  # [rows, in] -> [rows, out]
-            y = y.view(*x.shape[:-1], self.out_features)  # [..., out]
-            return y if self.bias is None else y + self.bias
         if kernel == "fp16":
             return _run_fp16(x, self.weight_fp16, self.bias, self.out_features, self._fp16_op if compiling else None)
         if not self._dense_packed:

@@ -83,7 +83,8 @@ class Attention(nn.Module):
 
     def qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         """x [N, L, E] -> q [N, H, L, D], k/v [N, Hkv, L, D] with positions applied."""
-        N, L, _ = x.shape
+        N, L, E = x.shape
+        x = x.reshape(N * L, E)  # [N*L, E]: the linears take rows (2-D: no reshape around each kernel)
         q = self.wq(x).view(N, L, self.n_heads, self.head_dim).transpose(1, 2)  # [N, H, L, D]
         k = self.wk(x).view(N, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [N, Hkv, L, D]
         v = self.wv(x).view(N, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [N, Hkv, L, D]
@@ -94,7 +95,8 @@ class Attention(nn.Module):
     def out(self, o: Tensor) -> Tensor:
         """o [N, H, L, D] -> [N, L, E]."""
         N, _, L, _ = o.shape
-        return self.wo(o.transpose(1, 2).reshape(N, L, self.n_heads * self.head_dim))  # via [N, L, H*D]
+        y = self.wo(o.transpose(1, 2).reshape(N * L, self.n_heads * self.head_dim))  # via [N*L, H*D] -> [N*L, E]
+        return y.view(N, L, -1)  # [N, L, E]
 
 
 class MLP(nn.Module):
@@ -110,10 +112,14 @@ class MLP(nn.Module):
             self.proj = nn.Linear(cfg.intermediate_size, cfg.dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        """x [..., E] -> [..., E], the linears on its rows [T, E] (2-D: no reshape around each kernel)."""
+        rows = x.reshape(-1, x.shape[-1])  # [T, E]
         if self.activation == "silu":
-            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
-        approximate = "tanh" if self.activation == "gelu_tanh" else "none"
-        return self.proj(F.gelu(self.fc(x), approximate=approximate))
+            y = self.w_down(F.silu(self.w_gate(rows)) * self.w_up(rows))  # [T, E]
+        else:
+            approximate = "tanh" if self.activation == "gelu_tanh" else "none"
+            y = self.proj(F.gelu(self.fc(rows), approximate=approximate))  # [T, E]
+        return y.view(x.shape)
 
 
 class Block(nn.Module):

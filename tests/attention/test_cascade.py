@@ -23,6 +23,7 @@ class _Pool:
     def __init__(self, rows, hkv, t, d, dtype):
         self.k = [torch.randn(rows, hkv, t, d).to(dtype)]
         self.v = [torch.randn(rows, hkv, t, d).to(dtype)]
+        self.k_flat, self.v_flat = [self.k[0].view(-1, d)], [self.v[0].view(-1, d)]  # as SamplePool's
 
 
 def _segment(hkv, length, d, dtype, spare=3):

@@ -76,6 +76,7 @@ class DecodeAttention:
     def __init__(self, pool: SamplePool, plan: DecodePlan):
         self.pool, self.plan = pool, plan
         self._stacks: dict[int, Tensor] = {}  # group -> [2, P, Hkv, W, D] zeros, refilled per layer
+        self._segments: dict[int, tuple[Tensor, Tensor]] = {}  # one-segment group -> its K, V [layers, Hkv, W, D]
         self._write_index: Tensor | None = None  # [N * Hkv] into a pool buffer's flat [S*Hkv*T, D] view
         self._masks: dict[object, KeyMask | None] = {}  # "pool" / group index -> its key mask (CPU only)
         self._tail = _only_tail(plan)
@@ -87,6 +88,15 @@ class DecodeAttention:
         if key not in self._masks:
             self._masks[key] = key_mask(valid, length, q.dtype)
         return self._masks[key]
+
+    def _segment(self, i: int, group: LevelGroup) -> tuple[Tensor, Tensor]:
+        """The one segment of group i, its valid keys in every layer: [layers, Hkv, W, D] views for K and V
+        (made at the first layer: per layer they are one index each instead of three)."""
+        views = self._segments.get(i)
+        if views is None:
+            kv = group.passes[0].segment.kv  # [layers, 2, Hkv, cap, D]
+            views = self._segments[i] = (kv[:, 0, :, : group.width], kv[:, 1, :, : group.width])
+        return views
 
     def _stack(self, i: int, group: LevelGroup, layer: int) -> tuple[Tensor, Tensor]:
         """The group's segments side by side for `layer`: [P, Hkv, W, D] each for K and V (slots past a
@@ -126,8 +136,8 @@ class DecodeAttention:
             self._write_index = flat_index(kp.shape, rows, pos)
         # written before attending: no level is empty
         if pt is None or pt.numel():
-            write_at(kp, self._write_index, k[:, :, 0] if pt is None else k[pt, :, 0])
-            write_at(vp, self._write_index, v[:, :, 0] if pt is None else v[pt, :, 0])
+            write_at(pool.k_flat[layer], self._write_index, k if pt is None else k[pt])  # [N, Hkv, 1, D]
+            write_at(pool.v_flat[layer], self._write_index, v if pt is None else v[pt])
         for tw in plan.tails:  # rows keeping their K/V after their prompt, in its segment
             tw.segment.kv[layer, 0, :, tw.slot] = k[tw.token, :, 0]  # [Hkv, D]
             tw.segment.kv[layer, 1, :, tw.slot] = v[tw.token, :, 0]
@@ -157,12 +167,13 @@ class DecodeAttention:
             if not plan.dense:
                 out, lse = out[plan.pool_rows], lse[plan.pool_rows]  # [B, H, D], [B, H]
         qz = None
+        last = len(plan.groups) - 1
         for i, group in enumerate(plan.groups):
+            every = isinstance(group.rows, slice) and group.rows == slice(0, b)  # the group covers every row
             if group.query_index is None:  # one segment: read in place
-                seg = group.passes[0].segment
-                n = group.width
-                o, l = _level_pass(q[group.rows], seg.k(layer)[:, :n], seg.v(layer)[:, :n], group.lengths, scale,
-                                   self._mask(i, group.lengths, n, q))
+                ks, vs = self._segment(i, group)
+                o, l = _level_pass(q if every else q[group.rows], ks[layer], vs[layer], group.lengths, scale,
+                                   self._mask(i, group.lengths, group.width, q))
             else:
                 if qz is None:
                     qz = torch.cat([q, q.new_zeros(1, h, d)])  # [N + 1, H, D]: row N pads
@@ -177,9 +188,9 @@ class DecodeAttention:
                 continue
             # the running part a has a key in every row (the pool level, written above, or a row's own
             # segment first) unless the plan says otherwise: then the guarded merge
-            o, l = merge_with_lse(out[group.rows], lse[group.rows], o, l,
-                                  may_be_empty=plan.may_be_empty)  # [U, H, D], [U, H]
-            if isinstance(group.rows, slice) and group.rows == slice(0, out.shape[0]):  # every row
+            o, l = merge_with_lse(out if every else out[group.rows], lse if every else lse[group.rows], o, l,
+                                  may_be_empty=plan.may_be_empty, need_lse=i < last or not every)  # [U, H, D], [U, H]
+            if every:
                 out, lse = o, l
             elif isinstance(group.rows, slice):
                 out[group.rows], lse[group.rows] = o, l

@@ -279,22 +279,23 @@ def attention_with_lse_per_query(
 
 
 def merge_with_lse(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor,
-                   may_be_empty: bool = True) -> tuple[Tensor, Tensor]:
+                   may_be_empty: bool = True, need_lse: bool = True) -> tuple[Tensor, Tensor | None]:
     """Exact merge of two attentions over disjoint key sets by their log-sum-exps.
 
     out_*: [..., D]; lse_*: [...] (float32). Returns (out in out_a.dtype, lse float32), the lse being
     that of the union of both key sets, so merges fold: merging level after level is exact in any
     order. Where both lse are -inf (no key in either part) out is 0 and lse -inf. A caller that
-    knows part a has a key in every row passes may_be_empty=False and skips those guards.
+    knows part a has a key in every row passes may_be_empty=False and skips those guards; one that
+    merges the last part passes need_lse=False and gets None for the lse (only there).
     """
-    lse_a = lse_a.float()
-    lse_b = lse_b.float()
+    lse_a = lse_a if lse_a.dtype == torch.float32 else lse_a.float()  # (a no-op .float() is still an operator)
+    lse_b = lse_b if lse_b.dtype == torch.float32 else lse_b.float()
     if not may_be_empty:
         # lse_a finite everywhere: b's weight is sigmoid(lse_b - lse_a) (0 where b is empty), and the
         # output a lerp between the two parts; 8 operators instead of 17, once per level per layer
         w_b = torch.sigmoid(lse_b - lse_a)  # [...]
         out = torch.lerp(out_a.float(), out_b.float(), w_b[..., None])  # [..., D]
-        return out.to(out_a.dtype), torch.logaddexp(lse_a, lse_b)
+        return out.to(out_a.dtype), torch.logaddexp(lse_a, lse_b) if need_lse else None
     m = torch.maximum(lse_a, lse_b)  # [...]
     m = torch.where(torch.isinf(m), torch.zeros_like(m), m)  # -inf only when both parts are empty
     w_a = torch.exp(lse_a - m)  # [...]

@@ -75,14 +75,11 @@ def flat_index(shape: torch.Size, rows: Tensor, pos: Tensor) -> Tensor:
     return ((rows[:, None] * Hkv + heads) * T + pos[:, None]).flatten()  # [B*Hkv]
 
 
-def write_at(buf: Tensor, index: Tensor, x: Tensor) -> None:
-    """buf[rows[i], :, pos[i]] = x[i] for every i, as one index_copy_ into a flat view; index is
-    `flat_index(buf.shape, rows, pos)` (the same for every layer's buffer of a step).
-
-    buf [S, Hkv, T, D], x [B, Hkv, D]. (Advanced-index assignment costs ~10x more here.)
-    """
-    S, Hkv, T, D = buf.shape
-    buf.view(S * Hkv * T, D).index_copy_(0, index, x.reshape(-1, D))
+def write_at(flat: Tensor, index: Tensor, x: Tensor) -> None:
+    """buf[rows[i], :, pos[i]] = x[i] for every i, as one index_copy_ into `flat`, the buffer's [S*Hkv*T, D] view
+    (`SamplePool.k_flat`); index is `flat_index(buf.shape, rows, pos)` (the same for every layer's buffer of
+    a step). x [B, Hkv, (1,) D]. (Advanced-index assignment costs ~10x more here.)"""
+    flat.index_copy_(0, index, x.reshape(-1, flat.shape[1]))  # [B*Hkv, D] rows
 
 
 class SamplePool:
@@ -92,6 +89,10 @@ class SamplePool:
         size = (rows, cfg.n_kv_heads, length, cfg.head_dim)  # [S, Hkv, T, D]
         self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        # the same buffers as [S*Hkv*T, D] views, the decode step's write target (made once: a view per layer
+        # and step is one more operator each)
+        self.k_flat = [b.view(-1, cfg.head_dim) for b in self.k]
+        self.v_flat = [b.view(-1, cfg.head_dim) for b in self.v]
         self.rows, self.length = rows, length
 
     def reorder(self, dst: Tensor, src: Tensor) -> None:
