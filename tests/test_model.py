@@ -40,16 +40,17 @@ def test_config_family_comes_from_model_type_not_folder_name(hf_models):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 9, 1, 64), (5, 3, 7, 32), (2, 4, 33, 16)], ids=["decode", "odd", "chunk"])
 def test_rope_and_norm_match_their_textbook_forms(dtype, shape):
-    """apply_rope on rope_tables == rotating the two halves (HF's rotate_half); RMSNorm == x * rsqrt(mean(x^2) + eps)
-    in float32: bitwise."""
+    """apply_rope on rope_tables == Hugging Face's rotation (q * cos + rotate_half(q) * sin, the tables in q's
+    dtype); RMSNorm == x * rsqrt(mean(x^2) + eps) in float32: bitwise."""
     torch.manual_seed(sum(shape))
     n, _, length, d = shape
     x = torch.randn(shape).to(dtype)
     angles = torch.rand(n, 1, length, d // 2) * 100
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.float().chunk(2, dim=-1)
-    want = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
-    assert torch.equal(apply_rope(x, *rope_tables(angles)), want)
+    emb = torch.cat((angles, angles), dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)  # LlamaRotaryEmbedding
+    x1, x2 = x.chunk(2, dim=-1)
+    want = x * cos + torch.cat((-x2, x1), dim=-1) * sin  # apply_rotary_pos_emb
+    assert torch.equal(apply_rope(x, *rope_tables(angles, dtype)), want)
     norm = RMSNorm(d, 1e-5)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(d))

@@ -55,19 +55,20 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> T
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_tables(angles: Tensor) -> tuple[Tensor, Tensor]:
-    """angles [..., D/2] -> (cos, sin) [..., D] for `apply_rope`: cos of both halves, and the sine
-    signed for the rotation (-sin on the first half, sin on the second)."""
+def rope_tables(angles: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """angles [..., D/2] float32 -> (cos, sin) [..., D] in `dtype` for `apply_rope`: cos of both halves, and
+    the sine signed for the rotation (-sin on the first half, sin on the second). In the activations' dtype,
+    as Hugging Face's rotary embedding returns them."""
     cos, sin = angles.cos(), angles.sin()
-    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # [..., D] each
+    return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)  # [..., D] each
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [N, h, L, D]; cos/sin [N, 1, L, D] from `rope_tables`. Rotates the two halves of D (HF's
-    layout): (x1 cos - x2 sin, x2 cos + x1 sin), computed as x * cos + roll(x) * sin in float32
-    (bitwise the same; 5 operators instead of 11, once per layer for q and for k)."""
-    xf = x.float()
-    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
+    """x [N, h, L, D]; cos/sin [N, 1, L, D] from `rope_tables` in x's dtype. Rotates the two halves of D
+    (HF's layout): (x1 cos - x2 sin, x2 cos + x1 sin), computed as x * cos + roll(x) * sin in x's dtype,
+    bitwise Hugging Face's `q * cos + rotate_half(q) * sin` (4 operators instead of 11, once per layer for
+    q and for k)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -173,18 +174,18 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
 
-    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor] | None:
+    def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
         if self.config.family != "llama":
             return None
         angles = positions.unsqueeze(-1).float() * self.inv_freq  # [N, L, D/2]
-        return rope_tables(angles.unsqueeze(1))  # [N, 1, L, D/2] -> cos, sin [N, 1, L, D]
+        return rope_tables(angles.unsqueeze(1), dtype)  # [N, 1, L, D/2] -> cos, sin [N, 1, L, D]
 
     def embed(self, tokens: Tensor, positions: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
         """tokens/positions [N, L] -> x [N, L, E] and the rotary tables (None without RoPE)."""
         x = self.tok_embeddings(tokens)  # [N, L, E]
         if self.config.family == "gpt2":
             x = x + self.pos_embeddings(positions)
-        return x, self._rope(positions)
+        return x, self._rope(positions, x.dtype)
 
     def head(self, x: Tensor) -> Tensor:
         """x [N, E] or [N, L, E] -> float32 logits [N, V] / [N, L, V]."""

@@ -81,6 +81,7 @@ class DecodeAttention:
         self._masks: dict[object, KeyMask | None] = {}  # "pool" / group index -> its key mask (CPU only)
         self._tail = _only_tail(plan)
         self._tail_index: Tensor | None = None  # [2 * Hkv] into the tail segment's flat [2*Hkv*cap, D] layer
+        self._tail_views: tuple[Tensor, Tensor, Tensor] | None = None  # its flat layers, valid K and V
 
     def _mask(self, key, valid: Tensor, length: int, q: Tensor) -> KeyMask | None:
         if q.device.type != "cpu":
@@ -113,15 +114,19 @@ class DecodeAttention:
         """The one row reads only its prompt's segment, its own K/V after the prompt: write them, attend to
         the segment's valid keys in place: no pool pass, LSE, mask or merge. (The general path below gives the
         same for this plan, in about twice the operators a layer: what an n=1 step mostly spends on.)"""
-        tw, n = self._tail, self.plan.groups[0].width  # n: the prompt and this row's tokens, this one included
-        kv = tw.segment.kv[layer]  # [2, Hkv, cap, D]
-        _, hkv, cap, d = kv.shape
-        if self._tail_index is None:
+        tw = self._tail
+        kv = tw.segment.kv  # [layers, 2, Hkv, cap, D]
+        layers, _, hkv, cap, d = kv.shape
+        if self._tail_index is None:  # what every layer of the step reads: made at the first layer
+            n = self.plan.groups[0].width  # the prompt and this row's tokens, this one included
             self._tail_index = torch.arange(2 * hkv, device=kv.device) * cap + tw.slot  # [2*Hkv]: K then V heads
+            self._tail_views = (kv.view(layers, 2 * hkv * cap, d),  # each layer's flat write target
+                                kv[:, 0:1, :, :n], kv[:, 1:2, :, :n])  # the valid K, V: [layers, 1, Hkv, n, D]
+        flat, ks, vs = self._tail_views
         new = torch.cat((k.reshape(hkv, d), v.reshape(hkv, d)))  # [1, Hkv, 1, D] each -> [2*Hkv, D]
-        kv.view(2 * hkv * cap, d).index_copy_(0, self._tail_index, new)
+        flat[layer].index_copy_(0, self._tail_index, new)
         h = q.shape[1]
-        out = attention(q.reshape(1, hkv, h // hkv, d), kv[0:1, :, :n], kv[1:2, :, :n], d**-0.5)  # [1, Hkv, G, D]
+        out = attention(q.reshape(1, hkv, h // hkv, d), ks[layer], vs[layer], d**-0.5)  # [1, Hkv, G, D]
         return out.reshape(1, h, 1, d)  # [1, H, 1, D]
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
