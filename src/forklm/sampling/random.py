@@ -56,7 +56,8 @@ def _as_int32(x: Tensor) -> Tensor:
 
 
 def _uniform_bits(keys: Tensor, token_keys: Tensor) -> Tensor:
-    """keys [S, 1] x token_keys [S or 1, K] (int64 in [0, 2^32)) -> [S, K] float32 uniforms in (0, 1).
+    """keys [S, 1] (int64 in [0, 2^32)) x token_keys [S or 1, K] (int32: `vocab_keys32`'s form) -> [S, K]
+    float32 uniforms in (0, 1).
 
     The per-element work is kept lean (it runs over the whole vocabulary): xor the two keys, one
     multiply / xorshift round, a second multiply, and the top 23 bits of the product, which
@@ -64,7 +65,7 @@ def _uniform_bits(keys: Tensor, token_keys: Tensor) -> Tensor:
     an int32 product wraps modulo 2^32, the same bits as the int64 product masked to 32 bits, and
     the bits an int32 right shift copies from the sign are masked off, so the result is the same.
     """
-    x = _as_int32(keys) ^ _as_int32(token_keys)  # [S, K] int32
+    x = _as_int32(keys) ^ token_keys  # [S, K] int32
     x.mul_(_MUL_1)  # modulo 2^32
     x ^= (x >> 15) & ((1 << 17) - 1)  # logical shift of the 32 bits
     x.mul_(_MUL_2)
@@ -77,15 +78,22 @@ def vocab_keys(vocab: int, device) -> Tensor:
     return hash32(torch.arange(vocab, device=device, dtype=torch.int64) ^ _SALT_TOKEN)[None, :]  # [1, V]
 
 
+def vocab_keys32(vocab: int, device) -> Tensor:
+    """`vocab_keys` as the int32 holding the same 32 bits, the form the uniforms use: [1, V] int32. A
+    caller drawing every step makes it once (SamplingTensors.token_keys): ~11 operators over [V] a step
+    otherwise, and 4 more per block of rows."""
+    return _as_int32(vocab_keys(vocab, device))
+
+
 def uniform(seed: Tensor, sample_index: Tensor, step: Tensor, vocab: int, token_keys: Tensor | None = None) -> Tensor:
     """Uniforms in the open interval (0, 1), deterministic in (seed, sample_index, step, token id).
 
     seed, sample_index, step: [S] int64 on the target device. Returns [S, vocab] float32.
-    token_keys: `vocab_keys(vocab, device)`, when the caller draws several blocks of rows in one step.
+    token_keys: `vocab_keys32(vocab, device)`, when the caller has it (made once for many draws).
     """
     keys = row_keys(seed.long(), sample_index.long(), step.long())  # [S]
     if token_keys is None:
-        token_keys = vocab_keys(vocab, keys.device)  # [1, V]
+        token_keys = vocab_keys32(vocab, keys.device)  # [1, V]
     return _uniform_bits(keys[:, None], token_keys)  # [S, V]
 
 
@@ -95,7 +103,7 @@ def uniform_at(seed: Tensor, sample_index: Tensor, step: Tensor, token_ids: Tens
     Lets a sampler that knows its candidates (e.g. top-k) skip the rest of the vocabulary.
     """
     keys = row_keys(seed.long(), sample_index.long(), step.long())  # [S]
-    return _uniform_bits(keys[:, None], hash32(token_ids.long() ^ _SALT_TOKEN))  # [S, K]
+    return _uniform_bits(keys[:, None], _as_int32(hash32(token_ids.long() ^ _SALT_TOKEN)))  # [S, K]
 
 
 def fresh_seed() -> int:

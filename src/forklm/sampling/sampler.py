@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from forklm.sampling.random import uniform, vocab_keys
+from forklm.sampling.random import uniform
 from forklm.sampling.tensors import SamplingTensors, TokenHistory
 
 
@@ -77,7 +77,7 @@ def draw(logits: Tensor, t: SamplingTensors, h: TokenHistory) -> tuple[Tensor, T
         tokens = logits.argmax(dim=-1)  # [S]
     else:
         s, v = logits.shape
-        token_keys, step = vocab_keys(v, logits.device), h.generated  # [1, V], [S]
+        token_keys, step = t.token_keys, h.generated  # [1, V] int32, [S]
         if compiling or logits.device.type != "cpu":  # one fused loop (any row count)
             tokens = _race(logits, t, step, slice(None), token_keys)  # [S]
         else:

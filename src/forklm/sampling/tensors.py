@@ -16,7 +16,7 @@ from torch import Tensor
 
 from forklm.errors import ContextLengthError, InvalidParameterError
 from forklm.sampling.params import SamplingParams
-from forklm.sampling.random import seed_to_int64
+from forklm.sampling.random import seed_to_int64, vocab_keys32
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,8 @@ class SamplingTensors:
     """[S] int64: each row's request seed."""
     sample_index: Tensor
     """[S] int64: each row's sample index within its request."""
+    token_keys: Tensor
+    """[1, V] int32: the uniforms' per-token keys (`random.vocab_keys32`), made with the batch, not per draw."""
     num_logprobs: Tensor
     """[S] int64: top alternatives asked per token; -1 = logprobs not asked."""
     max_logprobs: int | None
@@ -218,6 +220,7 @@ class SamplingTensors:
             bad_words_len=to(bad_len),
             seeds=torch.tensor([seed_to_int64(r.seed) for r in rows], dtype=torch.int64).to(device),
             sample_index=torch.tensor([r.sample_index for r in rows], dtype=torch.int64).to(device),
+            token_keys=vocab_keys32(V, device),
             num_logprobs=torch.tensor(asked, dtype=torch.int64).to(device),
             max_logprobs=max(asked) if max(asked) >= 0 else None,
             use_repetition_penalty=any(p.repetition_penalty != 1.0 for p in params),
@@ -237,11 +240,11 @@ class SamplingTensors:
         )
 
     def select(self, rows: Tensor) -> SamplingTensors:
-        """The settings of `rows [r]` (int64 indices), in that order. Every tensor field is per row;
-        the `use_*` / `max_*` summaries stay those of the whole batch (a processor then may run on rows
-        that do not use it, which leaves them unchanged)."""
+        """The settings of `rows [r]` (int64 indices), in that order. Every tensor field but `token_keys`
+        (the vocabulary's) is per row; the `use_*` / `max_*` summaries stay those of the whole batch (a
+        processor then may run on rows that do not use it, which leaves them unchanged)."""
         picked = {f.name: getattr(self, f.name)[rows] for f in fields(self)
-                  if isinstance(getattr(self, f.name), Tensor)}
+                  if isinstance(getattr(self, f.name), Tensor) and f.name != "token_keys"}
         return replace(self, num_rows=len(rows), **picked)
 
 
