@@ -92,8 +92,12 @@ def uniform(seed: Tensor, sample_index: Tensor, step: Tensor, vocab: int, token_
     token_keys: `vocab_keys32(vocab, device)`, when the caller has it (made once for many draws).
     """
     keys = row_keys(seed.long(), sample_index.long(), step.long())  # [S]
-    if token_keys is None:
-        token_keys = vocab_keys32(vocab, keys.device)  # [1, V]
+    return uniform_from_keys(keys, vocab_keys32(vocab, keys.device) if token_keys is None else token_keys)
+
+
+def uniform_from_keys(keys: Tensor, token_keys: Tensor) -> Tensor:
+    """`uniform` from the rows' `row_keys` [S] and `vocab_keys32` [1, V]: [S, V] float32 (a caller drawing
+    blocks of rows makes the keys once)."""
     return _uniform_bits(keys[:, None], token_keys)  # [S, V]
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from forklm.sampling.random import uniform
+from forklm.sampling.random import row_keys, uniform_from_keys
 from forklm.sampling.tensors import SamplingTensors, TokenHistory
 
 
@@ -75,18 +75,24 @@ def draw(logits: Tensor, t: SamplingTensors, h: TokenHistory) -> tuple[Tensor, T
     compiling = torch.compiler.is_compiling()
     if not compiling and t.all_greedy:  # compiled, one graph serves greedy, sampled and mixed batches
         tokens = logits.argmax(dim=-1)  # [S]
-    else:
-        s, v = logits.shape
-        token_keys, step = t.token_keys, h.generated  # [1, V] int32, [S]
-        if compiling or logits.device.type != "cpu":  # one fused loop (any row count)
-            tokens = _race(logits, t, step, slice(None), token_keys)  # [S]
-        else:
-            # Eagerly the draw is ~16 elementwise passes over [S, V]: blocks of rows that stay in the
-            # CPU's caches between passes run them faster (docs/architecture.md).
-            block = max(1, RACE_BLOCK // v)
-            parts = [_race(logits[r : r + block], t, step, slice(r, r + block), token_keys) for r in range(0, s, block)]
-            tokens = parts[0] if len(parts) == 1 else torch.cat(parts)  # [S]
-    return tokens, chosen_logprobs(logits, tokens)
+        return tokens, chosen_logprobs(logits, tokens)
+    s, v = logits.shape
+    keys = row_keys(t.seeds.long(), t.sample_index.long(), h.generated.long())  # [S]: each row's key this step
+    if compiling or logits.device.type != "cpu":  # one fused loop (any row count)
+        tokens = _race(logits, t, keys, slice(None))  # [S]
+        return tokens, chosen_logprobs(logits, tokens)
+    # Eagerly the draw is ~16 elementwise passes over [S, V]: blocks of rows that stay in the CPU's
+    # caches between passes run them faster (docs/architecture.md), and so do the log probs' passes,
+    # taken block by block as well
+    block = max(1, RACE_BLOCK // v)
+    tokens, chosen = [], []
+    for r in range(0, s, block):
+        rows = logits[r : r + block]  # [b, V]
+        tokens.append(_race(rows, t, keys[r : r + block], slice(r, r + block)))  # [b]
+        chosen.append(chosen_logprobs(rows, tokens[-1]))  # [b]
+    if len(tokens) == 1:
+        return tokens[0], chosen[0]
+    return torch.cat(tokens), torch.cat(chosen)  # [S], [S]
 
 
 def sample(logits: Tensor, t: SamplingTensors, h: TokenHistory) -> SampleResult:
@@ -97,9 +103,9 @@ def sample(logits: Tensor, t: SamplingTensors, h: TokenHistory) -> SampleResult:
 RACE_BLOCK = 1 << 18  # elements of [S, V] per block of the eager draw (1 MB of float32)
 
 
-def _race(logits: Tensor, t: SamplingTensors, step: Tensor, rows: slice, token_keys: Tensor) -> Tensor:
-    """The draw of `rows` (logits [b, V], the rows' slice of the batch; step [S] tokens generated per
-    row) -> tokens [b].
+def _race(logits: Tensor, t: SamplingTensors, keys: Tensor, rows: slice) -> Tensor:
+    """The draw of `rows` (logits [b, V], the rows' slice of the batch; keys [b] their `row_keys` this
+    step) -> tokens [b].
 
     Exponential race: argmax_i p_i / E_i with E_i = -log(u_i) ~ Exp(1) picks i with probability p_i;
     in logs it is Gumbel-max (logit_i - log E_i), so no softmax, cumsum or multinomial (no device
@@ -107,7 +113,7 @@ def _race(logits: Tensor, t: SamplingTensors, step: Tensor, rows: slice, token_k
     logits (another GEMM shape) flips it only when two perturbed scores are within 1e-5, unlike
     inverse-CDF sampling against a cumulative sum.
     """
-    u = uniform(t.seeds[rows], t.sample_index[rows], step[rows], t.vocab_size, token_keys)  # [b, V] in (0, 1)
+    u = uniform_from_keys(keys, t.token_keys)  # [b, V] in (0, 1)
     race = u.log_().neg_().log_().neg_().add_(logits)  # [b, V] logits - log(-log u), in place
     if torch.compiler.is_compiling() or t.any_greedy:  # greedy rows take their logits' argmax
         race = torch.where(t.greedy[rows, None], logits, race)  # [b, V]
