@@ -127,13 +127,13 @@ class KeyMask:
 
 def key_mask(valid_len: Tensor, length: int, dtype: torch.dtype) -> KeyMask:
     """The KeyMask of `attention_with_lse(q, k, v, valid_len, ...)` for keys of `length` and q of `dtype`."""
-    if not torch.compiler.is_compiling():  # (compiled: no data-dependent branch, always mask and fix)
-        if length > 0 and bool((valid_len == length).all()):
-            return KeyMask(None, None, length, dtype)
-        empty = valid_len == 0  # [B]
-        return KeyMask(_additive_mask(_key_mask(valid_len, length), dtype, -math.inf),
-                       empty if empty.any() else None, length, dtype)
-    return KeyMask(_additive_mask(_key_mask(valid_len, length), dtype, -math.inf), valid_len == 0, length, dtype)
+    eager = not torch.compiler.is_compiling()  # (compiled: no data-dependent branch, always mask and fix)
+    if eager and length > 0 and bool((valid_len == length).all()):
+        return KeyMask(None, None, length, dtype)
+    empty = valid_len == 0  # [B]
+    if eager and not empty.any():
+        empty = None
+    return KeyMask(_additive_mask(_key_mask(valid_len, length), dtype, -math.inf), empty, length, dtype)
 
 
 def _fix_empty_rows(out: Tensor, lse: Tensor, valid_len: Tensor) -> tuple[Tensor, Tensor]:
