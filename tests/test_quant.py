@@ -141,6 +141,32 @@ def test_quantized_update_weights_rounds_the_new_weights(tmp_path):
     assert _logprobs(llm, prompt) == _logprobs(LLM(tmp_path / "b", quantization="int4", dtype="float32"), prompt)
 
 
+def test_parts_of_a_quantized_fused_linear_come_together(tmp_path):
+    """With low-precision kernels a linear keeps packed codes, not its values: a part of a fused linear
+    (q_proj without k_proj, v_proj) is refused, naming the parts missing, and changes nothing; all of
+    them together are taken (and rounded as at load)."""
+    from forklm.cpu_linear import LowPrecisionLinear
+    from forklm.errors import CheckpointError
+
+    a, b = _llama(True, 1), _llama(True, 2)
+    a.save_pretrained(tmp_path / "a")
+    prompt = [3, 8, 21, 55, 144]
+    llm = LLM(tmp_path / "a", quantization="int8")
+    assert isinstance(llm.model.layers[0].attn.wqkv, LowPrecisionLinear)
+    before = _logprobs(llm, prompt)
+    sd, p = b.state_dict(), "model.layers.0.self_attn."
+    with pytest.raises(CheckpointError, match=r"q_proj.*without.*k_proj.*v_proj.*together"):
+        llm.update_weights({p + "q_proj.weight": sd[p + "q_proj.weight"]})
+    assert _logprobs(llm, prompt) == before
+    assert llm.update_weights({p + f"{x}_proj.weight": sd[p + f"{x}_proj.weight"] for x in "qkv"}) == 1
+    mixed = _llama(True, 1)
+    mixed.load_state_dict(a.state_dict() | {p + f"{x}_proj.weight": sd[p + f"{x}_proj.weight"] for x in "qkv"})
+    mixed.save_pretrained(tmp_path / "mixed")
+    (tokens, lps), (ref_tokens, ref_lps) = _logprobs(llm, prompt), _logprobs(LLM(tmp_path / "mixed", quantization="int8"), prompt)
+    # bfloat16 (dtype auto): each LLM measures its kernels per row count, so the two may sum in other orders
+    assert tokens == ref_tokens and np.allclose(lps, ref_lps, atol=2e-2) and not np.allclose(lps, before[1], atol=2e-2)
+
+
 def test_bad_quantization_is_refused_naming_the_field(tmp_path, hf_models):
     with pytest.raises(InvalidParameterError, match="quantization"):
         LLM(hf_models["llama_mha"][1], quantization="int3")

@@ -134,3 +134,42 @@ def test_offloaded_or_non_tensor_updates_are_refused(hf_models):
         llm.update_weights({"model.norm.weight": torch.empty(64, device="meta")})
     with pytest.raises(CheckpointError, match="pairs or a state_dict"):
         llm.update_weights(None)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # float32: oneDNN-packed linears; bfloat16: plain ones
+def test_some_parts_of_a_fused_linear_replace_only_their_rows(hf_models, b_models, tmp_path, dtype):
+    """forklm holds q/k/v (with Qwen2's biases) and gate/up as one linear each. q_proj, v_proj's bias and
+    up_proj alone: those rows take B's values, the parts not given keep A's, and the LLM then equals one
+    loaded from A's checkpoint with just those tensors replaced."""
+    import copy
+
+    model_a, folder_a = hf_models["qwen2"]
+    model_b, _ = b_models["qwen2"]
+    sd_b = model_b.state_dict()
+    picked = {name: sd_b[name] for name in ("model.layers.0.self_attn.q_proj.weight",
+                                            "model.layers.0.self_attn.v_proj.bias",
+                                            "model.layers.1.mlp.up_proj.weight")}
+    llm = LLM(folder_a, dtype=dtype)
+    before = {n: p.clone() for n, p in llm.model.named_parameters()}
+    assert llm.update_weights(picked) == 3
+    mixed = copy.deepcopy(model_a)
+    mixed.load_state_dict(model_a.state_dict() | picked)
+    mixed.save_pretrained(tmp_path / "mixed")
+    ref = LLM(tmp_path / "mixed", dtype=dtype)
+    tokens, logprobs, _ = _run(llm)
+    ref_tokens, ref_logprobs, _ = _run(ref)
+    assert tokens == ref_tokens and logprobs == ref_logprobs  # the very same values
+    if dtype == "bfloat16":  # plain nn.Linear parameters: compare the rows themselves
+        after, q_rows = dict(llm.model.named_parameters()), llm.config.n_heads * llm.config.head_dim
+        qkv = after["layers.0.attn.wqkv.weight"]
+        assert torch.equal(qkv[:q_rows], picked["model.layers.0.self_attn.q_proj.weight"].bfloat16())
+        assert torch.equal(qkv[q_rows:], before["layers.0.attn.wqkv.weight"][q_rows:])  # k and v: A's
+        bias, inter = after["layers.0.attn.wqkv.bias"], llm.config.intermediate_size
+        assert torch.equal(bias[:-llm.config.n_kv_heads * llm.config.head_dim],
+                           before["layers.0.attn.wqkv.bias"][:-llm.config.n_kv_heads * llm.config.head_dim])
+        gate_up = after["layers.1.mlp.w_gate_up.weight"]
+        assert torch.equal(gate_up[:inter], before["layers.1.mlp.w_gate_up.weight"][:inter])  # gate: A's
+        assert torch.equal(gate_up[inter:], picked["model.layers.1.mlp.up_proj.weight"].bfloat16())
+        assert {n for n in after if not torch.equal(after[n], before[n])} == {
+            "layers.0.attn.wqkv.weight", "layers.0.attn.wqkv.bias", "layers.1.mlp.w_gate_up.weight"}
+

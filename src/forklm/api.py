@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
 import os
@@ -9,7 +10,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .checkpoint import apply_weight_updates, load_checkpoint, weight_updates
+from .checkpoint import PartialUpdate, apply_weight_updates, load_checkpoint, weight_updates
 from .host import auto_dtype, release_free_heap
 from .linear_choice import prepare_cpu_linears
 from .quant import QUANTIZATIONS, quantize_linears, quantize_values, unquantizable
@@ -281,11 +282,12 @@ class LLM:
         if isinstance(named_tensors, (str, bytes)) or not hasattr(named_tensors, "__iter__"):
             raise CheckpointError(f"update_weights: expected (name, tensor) pairs or a state_dict, got "
                                   f"{type(named_tensors).__name__}")
-        updates = weight_updates(self.config, named_tensors)
+        updates = weight_updates(self.model, named_tensors)
         if self.quantization is not None:  # rounded as at load; a tied head gets its own rounded copy
             head = updates.get("tok_embeddings.weight") if self.config.tie_word_embeddings else None
-            updates = {n: quantize_values(t, self.quantization) if self._is_linear_weight(n) else t
-                       for n, t in updates.items()}
+            rounded = functools.partial(quantize_values, kind=self.quantization)  # row by row: parts alike
+            updates = {n: (t.map(rounded) if isinstance(t, PartialUpdate) else rounded(t))
+                       if self._is_linear_weight(n) else t for n, t in updates.items()}
             if head is not None:
                 updates["lm_head.weight"] = quantize_values(head, self.quantization)
         if self._engine is not None:

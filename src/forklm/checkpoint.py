@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -118,9 +119,9 @@ def _load_gguf(path: Path, dtype: DtypeChoice, device) -> LoadedCheckpoint:
     model = build_model(cfg, set(tensors), lambda name: tensors.pop(name), ckpt.dtype, device)
     eos_ids = list(ckpt.eos_token_ids) or list(cfg.eos_token_ids)
     head = "lm_head.weight" if "lm_head.weight" in rules else "tok_embeddings.weight"  # tied: the embedding
-    low = frozenset(
+    low = frozenset(  # a fused linear (q/k/v, gate/up) when every part is low precision
         name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
-        and rules.get(head if name == "lm_head" else f"{name}.weight", ("",))[0] in ckpt.low_precision)
+        and set(rule_names(rules[head if name == "lm_head" else f"{name}.weight"])) <= ckpt.low_precision)
     return LoadedCheckpoint(model, cfg, str(path), ckpt.tokenizer, eos_ids, low, ckpt.dtype)
 
 
@@ -171,9 +172,17 @@ class SafetensorsReader:
 
 
 # ---- Hugging Face names -> forklm names ------------------------------------------------------------
-# Each rule maps one forklm parameter to (HF name, transform of the HF tensor).
+# Each rule maps one forklm parameter to its parts: (HF name, transform of the HF tensor), stacked along
+# the first dimension. Most parameters have one part; forklm's fused q/k/v and gate/up linears stack
+# Hugging Face's separate tensors (q_proj, k_proj, v_proj / gate_proj, up_proj).
 
-Rule = tuple[str, Callable[[Tensor], Tensor]]
+class Part(NamedTuple):
+    hf_name: str
+    transform: Callable[[Tensor], Tensor]
+    rows: int | None = None  # a part of a fused parameter: how many of its rows this part gives
+
+
+Rule = tuple[Part, ...]
 
 
 def _same(t: Tensor) -> Tensor:
@@ -184,70 +193,70 @@ def _transposed(t: Tensor) -> Tensor:
     return t.t()  # GPT-2's Conv1D stores [in, out]; nn.Linear wants [out, in]
 
 
-def _rows(start: int, stop: int, transpose: bool = False) -> Callable[[Tensor], Tensor]:
-    """Slice a fused q/k/v tensor (rows of a Linear weight, or entries of a bias)."""
-
-    def take(t: Tensor) -> Tensor:
-        t = t.t() if transpose and t.dim() == 2 else t
-        return t[start:stop]
-
-    return take
-
-
-def _head_interleaved(which: int, n_heads: int, head_dim: int) -> Callable[[Tensor], Tensor]:
-    """GPT-BigCode without multi_query fuses q/k/v per head: rows [H, 3, D]. Take part `which`."""
+def _heads_to_qkv(n_heads: int, head_dim: int) -> Callable[[Tensor], Tensor]:
+    """GPT-BigCode without multi_query fuses q/k/v per head: rows [H, 3, D]. Reorder them to forklm's
+    [3, H, D] (all of q, then k, then v)."""
 
     def take(t: Tensor) -> Tensor:
         per_head = t.reshape(n_heads, 3, head_dim, *t.shape[1:])  # [H, 3, D, (E)]
-        return per_head[:, which].reshape(n_heads * head_dim, *t.shape[1:])  # [H*D, (E)]
+        return per_head.transpose(0, 1).reshape(3 * n_heads * head_dim, *t.shape[1:])  # [3*H*D, (E)]
 
     return take
 
 
 def weight_rules(cfg: ModelConfig, prefix_names: set[str]) -> dict[str, Rule]:
     rules: dict[str, Rule] = {}
+    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     if cfg.family == "llama":
         p = "model." if any(n.startswith("model.") for n in prefix_names) else ""
-        rules["tok_embeddings.weight"] = (f"{p}embed_tokens.weight", _same)
-        rules["norm.weight"] = (f"{p}norm.weight", _same)
+        rules["tok_embeddings.weight"] = (Part(f"{p}embed_tokens.weight", _same),)
+        rules["norm.weight"] = (Part(f"{p}norm.weight", _same),)
         if not cfg.tie_word_embeddings:
-            rules["lm_head.weight"] = ("lm_head.weight", _same)
+            rules["lm_head.weight"] = (Part("lm_head.weight", _same),)
         for i in range(cfg.n_layers):
             hf, me = f"{p}layers.{i}.", f"layers.{i}."
-            rules[me + "attn_norm.weight"] = (hf + "input_layernorm.weight", _same)
-            rules[me + "mlp_norm.weight"] = (hf + "post_attention_layernorm.weight", _same)
-            for mine, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
-                rules[f"{me}attn.{mine}.weight"] = (f"{hf}self_attn.{theirs}.weight", _same)
-                if cfg.qkv_bias and mine != "wo":
-                    rules[f"{me}attn.{mine}.bias"] = (f"{hf}self_attn.{theirs}.bias", _same)
-            for mine, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-                rules[f"{me}mlp.{mine}.weight"] = (f"{hf}mlp.{theirs}.weight", _same)
+            rules[me + "attn_norm.weight"] = (Part(hf + "input_layernorm.weight", _same),)
+            rules[me + "mlp_norm.weight"] = (Part(hf + "post_attention_layernorm.weight", _same),)
+            for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
+                rules[f"{me}attn.wqkv.{kind}"] = tuple(Part(f"{hf}self_attn.{x}_proj.{kind}", _same, rows)
+                                                       for x, rows in zip("qkv", (q_out, kv_out, kv_out)))
+            rules[f"{me}attn.wo.weight"] = (Part(f"{hf}self_attn.o_proj.weight", _same),)
+            rules[f"{me}mlp.w_gate_up.weight"] = tuple(Part(f"{hf}mlp.{x}_proj.weight", _same, cfg.intermediate_size)
+                                                       for x in ("gate", "up"))
+            rules[f"{me}mlp.w_down.weight"] = (Part(f"{hf}mlp.down_proj.weight", _same),)
         return rules
 
-    # GPT-2 (Conv1D weights, stored transposed) and GPT-BigCode (nn.Linear weights)
+    # GPT-2 (Conv1D weights, stored transposed) and GPT-BigCode (nn.Linear weights); c_attn is q/k/v fused
     p = "transformer." if any(n.startswith("transformer.") for n in prefix_names) else ""
     conv = cfg.model_type == "gpt2"
     interleaved = cfg.model_type == "gpt_bigcode" and cfg.n_kv_heads > 1
     fix = _transposed if conv else _same
-    rules["tok_embeddings.weight"] = (f"{p}wte.weight", _same)
-    rules["pos_embeddings.weight"] = (f"{p}wpe.weight", _same)
-    rules["norm.weight"] = (f"{p}ln_f.weight", _same)
-    rules["norm.bias"] = (f"{p}ln_f.bias", _same)
+    rules["tok_embeddings.weight"] = (Part(f"{p}wte.weight", _same),)
+    rules["pos_embeddings.weight"] = (Part(f"{p}wpe.weight", _same),)
+    rules["norm.weight"] = (Part(f"{p}ln_f.weight", _same),)
+    rules["norm.bias"] = (Part(f"{p}ln_f.bias", _same),)
     if not cfg.tie_word_embeddings:
-        rules["lm_head.weight"] = ("lm_head.weight", _same)
-    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    spans = {"wq": (0, q_out), "wk": (q_out, q_out + kv_out), "wv": (q_out + kv_out, q_out + 2 * kv_out)}
+        rules["lm_head.weight"] = (Part("lm_head.weight", _same),)
+    qkv = _heads_to_qkv(cfg.n_heads, cfg.head_dim) if interleaved else None
     for i in range(cfg.n_layers):
         hf, me = f"{p}h.{i}.", f"layers.{i}."
         for kind in ("weight", "bias"):
-            rules[f"{me}attn_norm.{kind}"] = (f"{hf}ln_1.{kind}", _same)
-            rules[f"{me}mlp_norm.{kind}"] = (f"{hf}ln_2.{kind}", _same)
-            for j, (mine, (a, b)) in enumerate(spans.items()):
-                split = _rows(a, b, transpose=conv) if not interleaved else _head_interleaved(j, cfg.n_heads, cfg.head_dim)
-                rules[f"{me}attn.{mine}.{kind}"] = (f"{hf}attn.c_attn.{kind}", split)
+            rules[f"{me}attn_norm.{kind}"] = (Part(f"{hf}ln_1.{kind}", _same),)
+            rules[f"{me}mlp_norm.{kind}"] = (Part(f"{hf}ln_2.{kind}", _same),)
+            rules[f"{me}attn.wqkv.{kind}"] = (Part(f"{hf}attn.c_attn.{kind}", qkv or (fix if kind == "weight" else _same)),)
             for mine, theirs in (("attn.wo", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
-                rules[f"{me}{mine}.{kind}"] = (f"{hf}{theirs}.{kind}", fix if kind == "weight" else _same)
+                rules[f"{me}{mine}.{kind}"] = (Part(f"{hf}{theirs}.{kind}", fix if kind == "weight" else _same),)
     return rules
+
+
+def part_shape(part: Part, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape `part` must have in forklm's layout, of a parameter of `shape`."""
+    return shape if part.rows is None else (part.rows, *shape[1:])
+
+
+def rule_names(rule: Rule) -> list[str]:
+    """The Hugging Face tensors a forklm parameter is made of."""
+    return [part.hf_name for part in rule]
 
 
 def build_model(
@@ -262,34 +271,29 @@ def build_model(
         model = Transformer(cfg)
     rules = weight_rules(cfg, names)
     params = dict(model.named_parameters())  # tied lm_head appears once, as tok_embeddings
-    missing = [rules[n][0] for n in params if n in rules and rules[n][0] not in names]
+    missing = [h for n in params if n in rules for h in rule_names(rules[n]) if h not in names]
     unmapped = [n for n in params if n not in rules]
     if unmapped:
         raise CheckpointError(f"internal error: no weight mapping for {unmapped}")
     if missing:
         raise CheckpointError(f"checkpoint is missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    used = {rules[n][0] for n in params}
+    used = {h for n in params for h in rule_names(rules[n])}
     unused = sorted(n for n in names - used if not _IGNORED.search(n))
     if unused:
         log.warning("checkpoint tensors not used by the model: %s", unused[:10])
 
-    cache: dict[str, Tensor] = {}  # a fused HF tensor read once, split into several parameters
-    fused_uses = {}
-    for n in params:
-        fused_uses[rules[n][0]] = fused_uses.get(rules[n][0], 0) + 1
     for name, param in params.items():
-        hf_name, transform = rules[name]
-        if hf_name not in cache:
-            cache[hf_name] = get(hf_name)
-        value = transform(cache[hf_name])
-        fused_uses[hf_name] -= 1
-        if fused_uses[hf_name] == 0:
-            del cache[hf_name]
-        if tuple(value.shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"tensor {hf_name!r}: shape {tuple(value.shape)} does not match the model's "
-                f"{name} {tuple(param.shape)} (from config.json)"
-            )
+        parts = []
+        for part in rules[name]:
+            value = part.transform(get(part.hf_name))  # each tensor read once
+            need = part_shape(part, tuple(param.shape))
+            if tuple(value.shape) != need:
+                raise CheckpointError(
+                    f"tensor {part.hf_name!r}: shape {tuple(value.shape)} does not match the model's "
+                    f"{name}{' part' if part.rows else ''} {need} (from config.json)"
+                )
+            parts.append(value)
+        value = parts[0] if len(parts) == 1 else torch.cat(parts)  # a fused parameter: its parts' rows stacked
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         tensor = value.to(device=device, dtype=dtype).contiguous()
@@ -304,13 +308,36 @@ def build_model(
 
 
 # ---- weights replaced in a live model ---------------------------------------------------------------
-def weight_updates(cfg: ModelConfig, named_tensors) -> dict[str, Tensor]:
+@dataclass
+class PartialUpdate:
+    """Some parts of a fused parameter (a layer's q_proj without its k_proj and v_proj): (first row, new
+    rows in forklm's layout) each. The other rows keep the values the model holds."""
+
+    spans: list[tuple[int, Tensor]]
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> PartialUpdate:
+        """The same spans, each new tensor through `fn` (a rounding row by row, as quantization's)."""
+        return PartialUpdate([(start, fn(t)) for start, t in self.spans])
+
+
+def held_weight(module: torch.nn.Module, attr: str) -> Tensor | None:
+    """The values a linear holds for `attr` ("weight" / "bias") in a plain layout, or None where they are
+    not kept exactly (cpu_linear's low-precision kernels hold packed codes of them)."""
+    if attr == "bias" or not hasattr(module, "repack"):
+        return getattr(module, attr)  # nn.Linear, or any kernel's bias
+    return module.dense_weight() if hasattr(module, "dense_weight") else None
+
+
+def weight_updates(model: Transformer, named_tensors) -> dict[str, Tensor | PartialUpdate]:
     """(Hugging Face name, tensor) pairs -> {forklm parameter name: tensor in forklm's layout}, checked as
     strictly as loading: every name must be one the model maps (or a known buffer, skipped), every
     tensor floating point and of the shape config.json implies. Nothing is copied yet, so a bad
     update raises (CheckpointError naming the tensor) before anything changes. Any subset of the
     weights may be given; for a model with tied embeddings, `lm_head.weight` is the embedding's
-    (taken only when the embedding itself is not given)."""
+    (taken only when the embedding itself is not given). Of a fused parameter (q/k/v, gate/up) some
+    parts alone give a `PartialUpdate`, where the model holds that linear's values exactly (dense or
+    float32-packed kernels); with low-precision kernels its parts must come together."""
+    cfg = model.config
     given: dict[str, Tensor] = {}
     for item in named_tensors:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)):
@@ -322,18 +349,19 @@ def weight_updates(cfg: ModelConfig, named_tensors) -> dict[str, Tensor]:
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in Transformer(cfg).named_parameters()}
     rules = weight_rules(cfg, set(given))
-    by_hf: dict[str, list[str]] = {}
-    for mine, (hf_name, _) in rules.items():
-        by_hf.setdefault(hf_name, []).append(mine)
-    embed_hf = rules["tok_embeddings.weight"][0]
+    by_hf: dict[str, tuple[str, int]] = {}  # HF name -> (forklm parameter, its part)
+    for mine, rule in rules.items():
+        for i, part in enumerate(rule):
+            by_hf[part.hf_name] = (mine, i)
+    embed_hf = rules["tok_embeddings.weight"][0].hf_name
     if cfg.tie_word_embeddings and "lm_head.weight" in given and embed_hf not in given:
         given[embed_hf] = given["lm_head.weight"]
-    updates: dict[str, Tensor] = {}
+    parts: dict[str, dict[int, Tensor]] = {}
     for hf_name, tensor in given.items():
         if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
-            mine_names = ["tok_embeddings.weight"]  # checked against the embedding's shape, used above
+            target = None  # checked against the embedding's shape, used above
         elif hf_name in by_hf:
-            mine_names = by_hf[hf_name]
+            target = by_hf[hf_name]
         elif _IGNORED.search(hf_name):
             continue
         else:
@@ -343,14 +371,32 @@ def weight_updates(cfg: ModelConfig, named_tensors) -> dict[str, Tensor]:
         if tensor.is_meta or tensor.layout != torch.strided:  # offloaded (meta) or sparse: no values to copy
             raise CheckpointError(f"weight update: {hf_name!r} holds no dense values (device {tensor.device}, "
                                   f"layout {tensor.layout}); gather offloaded weights first")
-        for mine in mine_names:
-            value = rules[mine][1](tensor.detach())
-            if tuple(value.shape) != shapes[mine]:
-                raise CheckpointError(
-                    f"weight update: {hf_name!r} has shape {tuple(tensor.shape)}; the model's {mine} needs "
-                    f"{shapes[mine]} (from config.json)")
-            if hf_name != "lm_head.weight" or not cfg.tie_word_embeddings:
-                updates[mine] = value
+        mine, i = target or ("tok_embeddings.weight", 0)
+        part = rules[mine][i]
+        value = part.transform(tensor.detach())
+        need = part_shape(part, shapes[mine])
+        if tuple(value.shape) != need:
+            raise CheckpointError(
+                f"weight update: {hf_name!r} has shape {tuple(tensor.shape)}; the model's {mine} needs "
+                f"{need} (from config.json)")
+        if target is not None:
+            parts.setdefault(mine, {})[i] = value
+    updates: dict[str, Tensor | PartialUpdate] = {}
+    for mine, got in parts.items():
+        rule = rules[mine]
+        if len(got) == len(rule):
+            updates[mine] = got[0] if len(rule) == 1 else torch.cat([got[i] for i in range(len(rule))])
+            continue
+        module_name, _, attr = mine.rpartition(".")
+        if held_weight(model.get_submodule(module_name), attr) is None:
+            missing = [p.hf_name for i, p in enumerate(rule) if i not in got]
+            raise CheckpointError(
+                f"weight update: {rule[min(got)].hf_name!r} without {missing}: forklm holds them as one "
+                f"low-precision linear ({mine}); give them together")
+        starts = [0]
+        for p in rule:
+            starts.append(starts[-1] + p.rows)
+        updates[mine] = PartialUpdate([(starts[i], got[i]) for i in sorted(got)])
     return updates
 
 
@@ -386,14 +432,20 @@ def read_weights(path: str | os.PathLike):
     return ((name, read(name)) for name in names)
 
 
-def apply_weight_updates(model: Transformer, updates: dict[str, Tensor]) -> None:
+def apply_weight_updates(model: Transformer, updates: dict[str, Tensor | PartialUpdate]) -> None:
     """Copy `updates` (from `weight_updates`) into `model` in place, converting dtype and device; packed
     linears are packed again (and the packed copy of a tied embedding in the LM head with them, unless
-    `updates` has its own "lm_head.weight", as a quantized LLM's does)."""
+    `updates` has its own "lm_head.weight", as a quantized LLM's does). A `PartialUpdate` replaces its
+    rows of the values the linear holds."""
     with torch.no_grad():
         for name, value in updates.items():
             module_name, _, attr = name.rpartition(".")
             module = model.get_submodule(module_name)
+            if isinstance(value, PartialUpdate):
+                held = held_weight(module, attr).detach().clone()  # [rows, ...]: the parts not given stay
+                for start, rows in value.spans:
+                    held[start:start + len(rows)] = rows
+                value = held
             if hasattr(module, "repack") and attr == "weight":  # cpu_linear's packed kernels
                 module.repack(value)
             else:

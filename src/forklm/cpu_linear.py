@@ -80,6 +80,10 @@ class PackedLinear(nn.Module):
         self.register_buffer("bias", bias, persistent=False)
         self._op = packed_linear_op()
 
+    def dense_weight(self) -> Tensor:
+        """The weight it holds, [out, in] float32 in the plain layout (a copy)."""
+        return self.weight.to_dense()
+
     def repack(self, weight: Tensor) -> None:
         """Replace the weight with `weight` [out, in] (any float dtype; packed again)."""
         assert tuple(weight.shape) == (self.out_features, self.in_features)

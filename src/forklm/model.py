@@ -77,21 +77,21 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         bias = cfg.qkv_bias or cfg.family == "gpt2"
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        # q, k and v in one linear: rows [H*D | Hkv*D | Hkv*D] (checkpoint.weight_rules stacks HF's three)
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.family == "gpt2")
 
     def qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor, Tensor]:
         """x [N, L, E] -> q [N, H, L, D], k/v [N, Hkv, L, D] with positions applied."""
         N, L, E = x.shape
-        x = x.reshape(N * L, E)  # [N*L, E]: the linears take rows (2-D: no reshape around each kernel)
-        q = self.wq(x).view(N, L, self.n_heads, self.head_dim).transpose(1, 2)  # [N, H, L, D]
-        k = self.wk(x).view(N, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [N, Hkv, L, D]
-        v = self.wv(x).view(N, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [N, Hkv, L, D]
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q, k, v
+        h, hkv = self.n_heads, self.n_kv_heads
+        # [N*L, E] -> [N*L, (H+2Hkv)*D] -> [N, L, H+2Hkv, D] -> heads first [N, H+2Hkv, L, D]
+        qkv = self.wqkv(x.reshape(N * L, E)).view(N, L, h + 2 * hkv, self.head_dim).transpose(1, 2)
+        if rope is None:
+            return qkv.split((h, hkv, hkv), dim=1)  # views [N, H, L, D], [N, Hkv, L, D] x2
+        qk = apply_rope(qkv[:, : h + hkv], *rope)  # q's and k's heads rotated at once: [N, H+Hkv, L, D]
+        q, k = qk.split((h, hkv), dim=1)  # [N, H, L, D], [N, Hkv, L, D]
+        return q, k, qkv[:, h + hkv:]  # v [N, Hkv, L, D]
 
     def out(self, o: Tensor) -> Tensor:
         """o [N, H, L, D] -> [N, L, E]."""
@@ -104,9 +104,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.activation = cfg.activation
-        if cfg.activation == "silu":  # SwiGLU
-            self.w_gate = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
-            self.w_up = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        if cfg.activation == "silu":  # SwiGLU; gate and up in one linear: rows [I gate | I up]
+            self.w_gate_up = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=False)
             self.w_down = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
         else:
             self.fc = nn.Linear(cfg.dim, cfg.intermediate_size)
@@ -116,7 +115,8 @@ class MLP(nn.Module):
         """x [..., E] -> [..., E], the linears on its rows [T, E] (2-D: no reshape around each kernel)."""
         rows = x.reshape(-1, x.shape[-1])  # [T, E]
         if self.activation == "silu":
-            y = self.w_down(F.silu(self.w_gate(rows)) * self.w_up(rows))  # [T, E]
+            gate, up = self.w_gate_up(rows).chunk(2, dim=-1)  # [T, 2I] -> [T, I] each
+            y = self.w_down(F.silu(gate) * up)  # [T, E]
         else:
             approximate = "tanh" if self.activation == "gelu_tanh" else "none"
             y = self.proj(F.gelu(self.fc(rows), approximate=approximate))  # [T, E]

@@ -274,10 +274,10 @@ async def load_weights(req: LoadWeightsRequest, ctx: ServerContext) -> Response:
     at the engine's next step boundary; answers once they are in use."""
     from ..checkpoint import read_weights, weight_updates
 
-    config = ctx.runner.engine.model.config
+    model = ctx.runner.engine.model
 
     def read_and_check() -> dict:
-        return weight_updates(config, read_weights(req.path))
+        return weight_updates(model, read_weights(req.path))
 
     try:
         updates = await asyncio.to_thread(read_and_check)
