@@ -76,7 +76,8 @@ class DecodeAttention:
     def __init__(self, pool: SamplePool, plan: DecodePlan):
         self.pool, self.plan = pool, plan
         self._stacks: dict[int, Tensor] = {}  # group -> [2, P, Hkv, W, D] zeros, refilled per layer
-        self._segments: dict[int, tuple[Tensor, Tensor]] = {}  # one-segment group -> its K, V [layers, Hkv, W, D]
+        # one-segment group -> its K and V, per layer [Hkv, W, D] views
+        self._segments: dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
         self._write_index: Tensor | None = None  # [N * Hkv] into a pool buffer's flat [S*Hkv*T, D] view
         self._masks: dict[object, KeyMask | None] = {}  # "pool" / group index -> its key mask (CPU only)
         self._tail = _only_tail(plan)
@@ -90,13 +91,13 @@ class DecodeAttention:
             self._masks[key] = key_mask(valid, length, q.dtype)
         return self._masks[key]
 
-    def _segment(self, i: int, group: LevelGroup) -> tuple[Tensor, Tensor]:
-        """The one segment of group i, its valid keys in every layer: [layers, Hkv, W, D] views for K and V
-        (made at the first layer: per layer they are one index each instead of three)."""
+    def _segment(self, i: int, group: LevelGroup) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The one segment of group i, its valid keys: per layer [Hkv, W, D] views of K and of V (made at the
+        first layer, all layers' in two operators: per layer they are a tuple index instead of three)."""
         views = self._segments.get(i)
         if views is None:
             kv = group.passes[0].segment.kv  # [layers, 2, Hkv, cap, D]
-            views = self._segments[i] = (kv[:, 0, :, : group.width], kv[:, 1, :, : group.width])
+            views = self._segments[i] = (kv[:, 0, :, : group.width].unbind(0), kv[:, 1, :, : group.width].unbind(0))
         return views
 
     def _stack(self, i: int, group: LevelGroup, layer: int) -> tuple[Tensor, Tensor]:
@@ -120,8 +121,8 @@ class DecodeAttention:
         if self._tail_index is None:  # what every layer of the step reads: made at the first layer
             n = self.plan.groups[0].width  # the prompt and this row's tokens, this one included
             self._tail_index = torch.arange(2 * hkv, device=kv.device) * cap + tw.slot  # [2*Hkv]: K then V heads
-            self._tail_views = (kv.view(layers, 2 * hkv * cap, d),  # each layer's flat write target
-                                kv[:, 0:1, :, :n], kv[:, 1:2, :, :n])  # the valid K, V: [layers, 1, Hkv, n, D]
+            self._tail_views = (kv.view(layers, 2 * hkv * cap, d).unbind(0),  # each layer's flat write target
+                                kv[:, 0:1, :, :n].unbind(0), kv[:, 1:2, :, :n].unbind(0))  # valid K, V: [1, Hkv, n, D]
         flat, ks, vs = self._tail_views
         new = torch.cat((k.reshape(hkv, d), v.reshape(hkv, d)))  # [1, Hkv, 1, D] each -> [2*Hkv, D]
         flat[layer].index_copy_(0, self._tail_index, new)
