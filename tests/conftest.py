@@ -28,9 +28,10 @@ def make_hf_model(family: str, seed: int = 0):
     elif family == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=211, n_positions=256, n_embd=64, n_layer=2, n_head=4,
                                                  bos_token_id=0, eos_token_id=1))
-    elif family == "gpt_bigcode_mqa":
+    elif family in ("gpt_bigcode_mqa", "gpt_bigcode_mha"):  # MHA: c_attn's rows interleaved per head
         model = tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(vocab_size=211, n_positions=256, n_embd=64, n_layer=2,
-                                                            n_head=4, multi_query=True, bos_token_id=0, eos_token_id=1))
+                                                            n_head=4, multi_query=family.endswith("mqa"),
+                                                            bos_token_id=0, eos_token_id=1))
     else:
         raise ValueError(family)
     # random, non-trivial biases and norms (transformers initialises them to 0 / 1)

@@ -26,6 +26,24 @@ def test_prefill_logits_match_transformers(hf_models, family):
         assert (ours - ref).abs().max().item() < LOGITS_ATOL, (family, L)
 
 
+def test_gpt_bigcode_mha_per_head_qkv_rows_are_reordered_to_forklms_fused_layout(tmp_path):
+    """GPT-BigCode without multi_query stores c_attn's rows per head as [H, 3, D]; forklm's fused q/k/v
+    linear wants [3, H, D]. Logits vs transformers, prefill and a bias that differs per head."""
+    from conftest import make_hf_model
+
+    hf = make_hf_model("gpt_bigcode_mha")
+    hf.save_pretrained(tmp_path)
+    ckpt = load_checkpoint(tmp_path, torch.float32, "cpu")
+    assert ckpt.config.n_kv_heads == ckpt.config.n_heads == 4
+    torch.manual_seed(2)
+    for L in (1, 9):
+        ids = torch.randint(0, ckpt.config.vocab_size, (1, L))
+        with torch.no_grad():
+            ref = hf(ids).logits[0]  # [L, V]
+            ours = ckpt.model(ids, torch.arange(L)[None], CausalAttention(), last_only=False)[0]
+        assert (ours - ref).abs().max().item() < LOGITS_ATOL, L
+
+
 def test_config_family_comes_from_model_type_not_folder_name(hf_models):
     _, folder = hf_models["qwen2"]
     import json
