@@ -12,18 +12,16 @@ import torch.nn.functional as F
 from forklm.attention.cascade import DecodeAttention, PrefillAttention
 import forklm.attention.ops as ops
 from forklm.kv.plan import DecodePlan, LevelGroup, LevelPass, PrefillChunk, build_decode_plan
-from forklm.kv.storage import Segment
+from forklm.kv.storage import SamplePool, Segment
 
 HEADS = [(4, 4), (8, 2), (6, 1)]  # MHA, GQA, MQA
 TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 LENGTHS = [1, 15, 16, 17, 300, 0]
 
 
-class _Pool:
-    def __init__(self, rows, hkv, t, d, dtype):
-        self.k = [torch.randn(rows, hkv, t, d).to(dtype)]
-        self.v = [torch.randn(rows, hkv, t, d).to(dtype)]
-        self.k_flat, self.v_flat = [self.k[0].view(-1, d)], [self.v[0].view(-1, d)]  # as SamplePool's
+def _random_pool(rows, hkv, t, d, dtype):
+    """A one-layer sample pool full of random K/V."""
+    return SamplePool(torch.randn(2, 1, rows, hkv, t, d).to(dtype))  # [2, layers, S, Hkv, T, D]
 
 
 def _segment(hkv, length, d, dtype, spare=3):
@@ -52,7 +50,7 @@ def test_decode_levels_match_sdpa_over_concatenated_cache(depth, heads, dtype, d
     B = 7
     pool_rows = list(range(B)) if dense else [0, 2, 3, 5, 6, 8, 9]
     R = pool_rows[-1] + 1
-    pool = _Pool(R, hkv, T, d, dtype)
+    pool = _random_pool(R, hkv, T, d, dtype)
     groups_per_level = [1, 2, 3, 7][:depth]
     levels, paths, by_depth = [], [[] for _ in range(B)], []
     for lvl, ngroups in enumerate(groups_per_level):
@@ -130,7 +128,7 @@ def test_multi_token_decode_matches_causal_sdpa_over_every_level(depth, heads, d
     counts = [1, 5, 2, 4, 1, 3]
     dec = [3, 0, 6, 1, 9, 2]  # tokens already in each pool row
     B, R = len(pool_rows), pool_rows[-1] + 1
-    pool = _Pool(R, hkv, T, d, dtype)
+    pool = _random_pool(R, hkv, T, d, dtype)
     readers, paths = [], [[] for _ in range(B)]
     for lvl, ngroups in enumerate([1, 2, 3][:depth]):
         bounds = torch.linspace(0, B, ngroups + 1).round().long().tolist()
@@ -198,7 +196,7 @@ def test_rows_keeping_kv_after_their_prompt_match_sdpa(mixed, heads, dtype):
         own[5] = shared
         batch, dec = [0, 1, 2, 4, 6, 7], [0, 0, 0, 3, 5, 0]
     B = len(batch)
-    pool = _Pool(batch[-1] + 1, hkv, T, d, dtype)
+    pool = _random_pool(batch[-1] + 1, hkv, T, d, dtype)
     slots = {b: p + t for b, (p, t) in tails.items()}
     plan = build_decode_plan(batch, [1] * B, dec, [50] * B, [True] * B, readers, "cpu",
                              {b: (own[b], s) for b, s in slots.items()})
@@ -250,7 +248,7 @@ def test_one_row_alone_after_its_prompt_takes_the_short_path_and_matches_sdpa(pr
         plan = build_decode_plan([0], [1], [0], [slot], [True], [(0, seg, slot + 1, [0])], "cpu", {0: (seg, slot)})
         torch.manual_seed(1)
         q, k, v = (torch.randn(1, x, 1, d).to(dtype) for x in (h, hkv, hkv))
-        pool = _Pool(1, hkv, 4, d, dtype)
+        pool = _random_pool(1, hkv, 4, d, dtype)
         pool.k, pool.v = pool.k * layers, pool.v * layers  # the general path takes the layer's pool buffers
         attn = DecodeAttention(pool, plan)
         assert (attn._tail is not None) == short

@@ -79,6 +79,7 @@ class DecodeAttention:
         # one-segment group -> its K and V, per layer [Hkv, W, D] views
         self._segments: dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
         self._write_index: Tensor | None = None  # [N * Hkv] into a pool buffer's flat [S*Hkv*T, D] view
+        self._pool_views: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None  # pool.window, per layer
         self._masks: dict[object, KeyMask | None] = {}  # "pool" / group index -> its key mask (CPU only)
         self._tail = _only_tail(plan)
         self._tail_index: Tensor | None = None  # [2 * Hkv] into the tail segment's flat [2*Hkv*cap, D] layer
@@ -111,6 +112,11 @@ class DecodeAttention:
             buf[:, j, :, : lp.length] = lp.segment.kv[layer, :, :, : lp.length]  # [2, Hkv, n, D]
         return buf[0], buf[1]
 
+    def _layer_window(self, layer: int) -> tuple[Tensor, Tensor]:
+        """The pool's written slots of this step's rows in `layer`: K, V [R, Hkv, W, D]."""
+        ks, vs = self._pool_views
+        return ks[layer], vs[layer]
+
     def _attend_tail(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """The one row reads only its prompt's segment, its own K/V after the prompt: write them, attend to
         the segment's valid keys in place: no pool pass, LSE, mask or merge. (The general path below gives the
@@ -135,7 +141,7 @@ class DecodeAttention:
         if self._tail is not None:
             return self._attend_tail(layer, q, k, v)
         plan, pool = self.plan, self.pool
-        kp, vp = pool.k[layer], pool.v[layer]  # [S, Hkv, T, D]
+        kp = pool.k[layer]  # [S, Hkv, T, D]
         pt = plan.pool_tokens  # None: every token's K/V goes to the pool
         if self._write_index is None:
             rows, pos = (plan.pool_rows, plan.write_pos) if pt is None else (plan.pool_rows[pt], plan.write_pos[pt])
@@ -153,20 +159,22 @@ class DecodeAttention:
         scale = d**-0.5
         q = q[:, :, 0]  # [N, H, D]
         r, w = plan.pool_len.shape[0], plan.window
+        if plan.pool_pass and self._pool_views is None:  # the rows' written slots, all layers' at the first
+            self._pool_views = pool.window(r, w)
         out = lse = None  # no pool pass: the depth-0 level's result is every row's first part
         if plan.pool_pass and plan.query_len is not None:  # several tokens per row: the [R, Q] grid, causal within a row
             nq = plan.query_len.shape[1]
             qp = q.new_zeros(r * nq, h, d).index_copy_(0, plan.grid_index, q)  # [R*Q, H, D]
             qp = qp.reshape(r, nq, hkv, g, d).permute(0, 2, 1, 3, 4).reshape(r, hkv, nq * g, d)  # [R, Hkv, Q*G, D]
             valid = plan.query_len.repeat_interleave(g, dim=1)  # [R, Q*G]: query j*G + g
-            out, lse = attention_with_lse_per_query(qp, kp[:r, :, :w], vp[:r, :, :w], valid, scale)
+            out, lse = attention_with_lse_per_query(qp, *self._layer_window(layer), valid, scale)
             out = out.reshape(r, hkv, nq, g, d).permute(0, 2, 1, 3, 4).reshape(r * nq, h, d)  # [R*Q, H, D]
             lse = lse.reshape(r, hkv, nq, g).permute(0, 2, 1, 3).reshape(r * nq, h)  # [R*Q, H]
             out, lse = out[plan.grid_index], lse[plan.grid_index]  # [N, H, D], [N, H]
         elif plan.pool_pass:
             qp = q if plan.dense else q.new_zeros(r, h, d).index_copy_(0, plan.pool_rows, q)  # [R, H, D] pool order
             out, lse = attention_with_lse(
-                qp.reshape(r, hkv, g, d), kp[:r, :, :w], vp[:r, :, :w], plan.pool_len, scale,
+                qp.reshape(r, hkv, g, d), *self._layer_window(layer), plan.pool_len, scale,
                 self._mask("pool", plan.pool_len, w, q),
             )  # [R, Hkv, G, D], [R, Hkv, G]
             out, lse = out.reshape(r, h, d), lse.reshape(r, h)  # [R, H, D], [R, H]

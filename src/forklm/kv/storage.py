@@ -83,22 +83,30 @@ def write_at(flat: Tensor, index: Tensor, x: Tensor) -> None:
 
 
 class SamplePool:
-    """Per-sample K/V rows: k[layer], v[layer] : [S, Hkv, T, D]."""
+    """Per-sample K/V rows, one tensor kv [2, layers, S, Hkv, T, D]; k[layer], v[layer]: [S, Hkv, T, D] views."""
 
-    def __init__(self, cfg: ModelConfig, rows: int, length: int, dtype: torch.dtype, device):
-        size = (rows, cfg.n_kv_heads, length, cfg.head_dim)  # [S, Hkv, T, D]
-        self.k = [torch.zeros(size, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(size, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+    def __init__(self, kv: Tensor):
+        self.kv = kv  # [2, layers, S, Hkv, T, D]
+        self.k, self.v = list(kv[0].unbind(0)), list(kv[1].unbind(0))  # per layer [S, Hkv, T, D]
         # the same buffers as [S*Hkv*T, D] views, the decode step's write target (made once: a view per layer
         # and step is one more operator each)
-        self.k_flat = [b.view(-1, cfg.head_dim) for b in self.k]
-        self.v_flat = [b.view(-1, cfg.head_dim) for b in self.v]
-        self.rows, self.length = rows, length
+        self.k_flat = [b.view(-1, kv.shape[-1]) for b in self.k]
+        self.v_flat = [b.view(-1, kv.shape[-1]) for b in self.v]
+        self.rows, self.length = kv.shape[2], kv.shape[4]
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, rows: int, length: int, dtype: torch.dtype, device) -> SamplePool:
+        return cls(torch.zeros(2, cfg.n_layers, rows, cfg.n_kv_heads, length, cfg.head_dim, dtype=dtype, device=device))
+
+    def window(self, rows: int, width: int) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Rows 0..rows-1, slots 0..width-1 of every layer: per layer [rows, Hkv, width, D] views of K and of V
+        (six operators for all layers, where slicing each layer's buffers is four per layer)."""
+        w = self.kv[:, :, :rows, :, :width]  # [2, layers, rows, Hkv, width, D]
+        return w[0].unbind(0), w[1].unbind(0)
 
     def reorder(self, dst: Tensor, src: Tensor) -> None:
         """Beam search: rows dst take the K/V of rows src."""
-        for buf in self.k + self.v:
-            buf[dst] = buf[src]
+        self.kv[:, :, dst] = self.kv[:, :, src]
 
     def copy_in(self, rows: list[int], segment: Segment, offset: int = 0) -> None:
         """The replicated layout: a prompt's K/V copied into each of `rows` at offset."""
@@ -110,9 +118,7 @@ class SamplePool:
 
     def extract(self, row: int, length: int) -> Tensor:
         """One row's first `length` tokens as a fresh kv tensor [layers, 2, Hkv, length, D]."""
-        k = torch.stack([b[row, :, :length] for b in self.k])  # [layers, Hkv, length, D]
-        v = torch.stack([b[row, :, :length] for b in self.v])
-        return torch.stack([k, v], dim=1)  # [layers, 2, Hkv, length, D]
+        return self.kv[:, :, row, :, :length].transpose(0, 1).contiguous()  # [2, layers, ...] -> [layers, 2, Hkv, length, D]
 
 
 class KVStorage:
@@ -128,7 +134,7 @@ class KVStorage:
     def resize(self, shape: CacheShape, row_length: int, budget_bytes: int) -> None:
         """A new sample pool (no row may be in use); segments are kept and still counted."""
         self.pool = None  # the old pool's memory goes before the new one is allocated
-        self.pool = SamplePool(self.cfg, shape.max_samples, row_length, self.dtype, self.device)
+        self.pool = SamplePool.zeros(self.cfg, shape.max_samples, row_length, self.dtype, self.device)
         pool_tokens = shape.max_samples * row_length
         self.budget_tokens = max(0, budget_bytes // self.token_bytes - pool_tokens)  # for segments
         self._free_rows = list(range(shape.max_samples))
