@@ -243,7 +243,8 @@ def weight_rules(cfg: ModelConfig, prefix_names: set[str]) -> dict[str, Rule]:
         for kind in ("weight", "bias"):
             rules[f"{me}attn_norm.{kind}"] = (Part(f"{hf}ln_1.{kind}", _same),)
             rules[f"{me}mlp_norm.{kind}"] = (Part(f"{hf}ln_2.{kind}", _same),)
-            rules[f"{me}attn.wqkv.{kind}"] = (Part(f"{hf}attn.c_attn.{kind}", qkv or (fix if kind == "weight" else _same)),)
+            qkv_fix = qkv or (fix if kind == "weight" else _same)
+            rules[f"{me}attn.wqkv.{kind}"] = (Part(f"{hf}attn.c_attn.{kind}", qkv_fix),)
             for mine, theirs in (("attn.wo", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"), ("mlp.proj", "mlp.c_proj")):
                 rules[f"{me}{mine}.{kind}"] = (Part(f"{hf}{theirs}.{kind}", fix if kind == "weight" else _same),)
     return rules

@@ -25,16 +25,16 @@ from .ops import (KeyMask, attention, attention_with_lse, attention_with_lse_per
 
 def _level_pass(q: Tensor, k: Tensor, v: Tensor, length: Tensor, scale: float,
                 mask: KeyMask | None = None) -> tuple[Tensor, Tensor]:
-    """R rows' queries q [R, H, D] against one segment k/v [Hkv, L, D] (first `length` valid):
+    """R rows' queries q [R, H, D] against one segment k/v [1, Hkv, L, D] (first `length` valid):
     the R * G queries of a kv head are the rows of one kernel call. Returns [R, H, D], [R, H]."""
     r, h, d = q.shape
-    hkv = k.shape[0]
+    hkv = k.shape[1]
     g = h // hkv
     if r == 1:  # one row: [1, H, D] is [1, Hkv, G, D] as it stands (no permutes)
-        out, lse = attention_with_lse(q.reshape(1, hkv, g, d), k.unsqueeze(0), v.unsqueeze(0), length, scale, mask)
+        out, lse = attention_with_lse(q.reshape(1, hkv, g, d), k, v, length, scale, mask)
         return out.reshape(1, h, d), lse.reshape(1, h)  # [1, H, D], [1, H]
     qs = q.reshape(r, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, r * g, d)  # [1, Hkv, R*G, D]
-    out, lse = attention_with_lse(qs, k.unsqueeze(0), v.unsqueeze(0), length, scale, mask)  # [1, Hkv, R*G, D], [1, Hkv, R*G]
+    out, lse = attention_with_lse(qs, k, v, length, scale, mask)  # [1, Hkv, R*G, D], [1, Hkv, R*G]
     out = out.reshape(hkv, r, g, d).permute(1, 0, 2, 3).reshape(r, h, d)  # [R, H, D]
     lse = lse.reshape(hkv, r, g).permute(1, 0, 2).reshape(r, h)  # [R, H]
     return out, lse
@@ -76,7 +76,7 @@ class DecodeAttention:
     def __init__(self, pool: SamplePool, plan: DecodePlan):
         self.pool, self.plan = pool, plan
         self._stacks: dict[int, Tensor] = {}  # group -> [2, P, Hkv, W, D] zeros, refilled per layer
-        # one-segment group -> its K and V, per layer [Hkv, W, D] views
+        # one-segment group -> its K and V, per layer [1, Hkv, W, D] views
         self._segments: dict[int, tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] = {}
         self._write_index: Tensor | None = None  # [N * Hkv] into a pool buffer's flat [S*Hkv*T, D] view
         self._pool_views: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None  # pool.window, per layer
@@ -93,12 +93,12 @@ class DecodeAttention:
         return self._masks[key]
 
     def _segment(self, i: int, group: LevelGroup) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """The one segment of group i, its valid keys: per layer [Hkv, W, D] views of K and of V (made at the
-        first layer, all layers' in two operators: per layer they are a tuple index instead of three)."""
+        """The one segment of group i, its valid keys: per layer [1, Hkv, W, D] views of K and of V (made at
+        the first layer, all layers' in a few operators: per layer they are a tuple index instead of four)."""
         views = self._segments.get(i)
         if views is None:
             kv = group.passes[0].segment.kv  # [layers, 2, Hkv, cap, D]
-            views = self._segments[i] = (kv[:, 0, :, : group.width].unbind(0), kv[:, 1, :, : group.width].unbind(0))
+            views = self._segments[i] = (kv[:, 0:1, :, : group.width].unbind(0), kv[:, 1:2, :, : group.width].unbind(0))
         return views
 
     def _stack(self, i: int, group: LevelGroup, layer: int) -> tuple[Tensor, Tensor]:
@@ -233,7 +233,8 @@ class PrefillAttention:
         out, lse = out[0].transpose(0, 1), lse[0].transpose(0, 1)  # [c, H, D], [c, H]: tokens as rows
         qt = q[0].transpose(0, 1)  # [c, H, D]
         for (seg, n), length in zip(ch.levels, self._lengths):
-            o, l = _level_pass(qt, seg.k(layer)[:, :n], seg.v(layer)[:, :n], length, scale)  # [c, H, D], [c, H]
+            ks, vs = seg.k(layer)[None, :, :n], seg.v(layer)[None, :, :n]  # [1, Hkv, n, D]
+            o, l = _level_pass(qt, ks, vs, length, scale)  # [c, H, D], [c, H]
             out, lse = merge_with_lse(out, lse, o, l)
         return out.transpose(0, 1).unsqueeze(0)  # [1, H, c, D]
 

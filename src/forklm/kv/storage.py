@@ -118,7 +118,7 @@ class SamplePool:
 
     def extract(self, row: int, length: int) -> Tensor:
         """One row's first `length` tokens as a fresh kv tensor [layers, 2, Hkv, length, D]."""
-        return self.kv[:, :, row, :, :length].transpose(0, 1).contiguous()  # [2, layers, ...] -> [layers, 2, Hkv, length, D]
+        return self.kv[:, :, row, :, :length].transpose(0, 1).contiguous()  # -> [layers, 2, Hkv, length, D]
 
 
 class KVStorage:
