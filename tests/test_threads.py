@@ -111,3 +111,35 @@ def test_thread_count_changes_no_result(hf_models, monkeypatch):
         for x, y in zip(a.outputs, b.outputs):
             assert x.token_ids == y.token_ids
             assert all(abs(p[t].logprob - q[t].logprob) < 1e-5 for t, p, q in zip(x.token_ids, x.logprobs, y.logprobs))
+
+
+def test_an_idle_engine_leaves_torchs_thread_count_as_it_found_it(hf_models):
+    """An engine stepped directly (`LLM.make_engine`, as the benchmarks do) whose governor moved to 1
+    thread steps at 1 thread, and once it has no work left puts torch's count back. The next engine
+    takes torch's count as its maximum: it once took the last engine's choice, and stayed at 1 thread
+    with nothing to probe."""
+    from forklm.kv.storage import CacheShape
+
+    folder = hf_models["llama_gqa"][1]
+    params = SamplingParams(n=2, max_tokens=5, temperature=0.9, seed=3, ignore_eos=True)
+    start = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        llm = LLM(folder)
+        engines, seen = [], []
+        for i in range(2):
+            engine = llm.make_engine(CacheShape(1, 2, 2, 3, 5))
+            engines.append(engine)
+            if i == 0:
+                engine.threads.current = 1  # as after a probe at 1 thread won
+            engine.add_request("r", [5, 9, 13], params)
+            while engine.has_unfinished():
+                seen.append((i, torch.get_num_threads()))
+                engine.step()
+            assert len(engine.pop_output("r").outputs) == 2
+            seen.append((i, torch.get_num_threads()))
+    finally:
+        torch.set_num_threads(start)
+    assert engines[1].threads.max_threads == 2 and engines[1].threads.enabled
+    assert [t for i, t in seen if i == 0][1:-1] == [1] * (len([t for i, t in seen if i == 0]) - 2)  # its choice
+    assert seen[-1] == (1, 2) and [t for i, t in seen if i == 0][-1] == 2  # idle: the count it found

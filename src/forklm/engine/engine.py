@@ -263,6 +263,10 @@ class Engine:
             self.threads.discard()
         elif kind is not None:
             self.threads.end_step(kind, time.perf_counter() - start)
+        if self.threads.enabled and not self.has_unfinished() and torch.get_num_threads() != self.threads.max_threads:
+            # idle: torch's count back as found, so that an engine built next (make_engine, another LLM) sees
+            # the process's count, not this one's choice (it took that count as its maximum, stuck there)
+            torch.set_num_threads(self.threads.max_threads)
         return deltas
 
     def _step(self) -> tuple[list[SampleDelta], StepKind | None]:
