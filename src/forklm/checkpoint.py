@@ -321,12 +321,17 @@ class PartialUpdate:
         return PartialUpdate([(start, fn(t)) for start, t in self.spans])
 
 
-def held_weight(module: torch.nn.Module, attr: str) -> Tensor | None:
-    """The values a linear holds for `attr` ("weight" / "bias") in a plain layout, or None where they are
-    not kept exactly (cpu_linear's low-precision kernels hold packed codes of them)."""
+def holds_values(module: torch.nn.Module, attr: str) -> bool:
+    """Whether a linear keeps its `attr` ("weight" / "bias") exactly: nn.Linear, any kernel's bias, or a
+    float32-packed weight; not cpu_linear's low-precision kernels, which hold packed codes of it."""
+    return attr == "bias" or not hasattr(module, "repack") or hasattr(module, "dense_weight")
+
+
+def held_weight(module: torch.nn.Module, attr: str) -> Tensor:
+    """The values a linear that `holds_values` keeps for `attr`, in a plain layout."""
     if attr == "bias" or not hasattr(module, "repack"):
-        return getattr(module, attr)  # nn.Linear, or any kernel's bias
-    return module.dense_weight() if hasattr(module, "dense_weight") else None
+        return getattr(module, attr)
+    return module.dense_weight()  # unpacked: a copy
 
 
 def weight_updates(model: Transformer, named_tensors) -> dict[str, Tensor | PartialUpdate]:
@@ -389,7 +394,7 @@ def weight_updates(model: Transformer, named_tensors) -> dict[str, Tensor | Part
             updates[mine] = got[0] if len(rule) == 1 else torch.cat([got[i] for i in range(len(rule))])
             continue
         module_name, _, attr = mine.rpartition(".")
-        if held_weight(model.get_submodule(module_name), attr) is None:
+        if not holds_values(model.get_submodule(module_name), attr):
             missing = [p.hf_name for i, p in enumerate(rule) if i not in got]
             raise CheckpointError(
                 f"weight update: {rule[min(got)].hf_name!r} without {missing}: forklm holds them as one "
