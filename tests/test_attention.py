@@ -195,6 +195,26 @@ def test_every_key_valid_runs_the_kernel_without_a_mask_and_gives_the_masked_res
         assert (masked.empty is not None) == (0 in short)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("length", [1, 37, 257])
+def test_attention_without_lse_calls_the_kernel_directly_and_matches_sdpa(length, m, dtype):
+    """`attention` (one row's only level: the n=1 decode step) runs the CPU flash kernel itself, one query
+    row doubled in bf16: the same result as F.scaled_dot_product_attention (the kernel it dispatches to)
+    within the dtype's tolerance, and the float64 reference's."""
+    from forklm.attention.ops import attention
+
+    torch.manual_seed(11 * length + m)
+    b, hkv, d = 1, 3, 64
+    q, k, v, valid_len = _lse_inputs(b, hkv, m, length, d, dtype, [length] * b)
+    out = attention(q, k, v, 0.125)
+    assert out.shape == q.shape and out.dtype == dtype
+    want = F.scaled_dot_product_attention(q, k, v, scale=0.125)
+    assert (out.float() - want.float()).abs().max().item() <= TOL[dtype]
+    naive_out, _ = _naive_lse(q, k, v, valid_len, 0.125)
+    assert (out.double() - naive_out).abs().max().item() <= TOL[dtype]
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 0, 5, 16), (2, 3, 4, 0, 16)], ids=["no_query", "no_key"])
 def test_attention_with_lse_empty_shapes(shape):
     """M == 0 or L == 0 must not reach the CPU kernel (it SIGFPEs there)."""

@@ -59,7 +59,7 @@ def test_config_family_comes_from_model_type_not_folder_name(hf_models):
 @pytest.mark.parametrize("shape", [(1, 9, 1, 64), (5, 3, 7, 32), (2, 4, 33, 16)], ids=["decode", "odd", "chunk"])
 def test_rope_and_norm_match_their_textbook_forms(dtype, shape):
     """apply_rope on rope_tables == Hugging Face's rotation (q * cos + rotate_half(q) * sin, the tables in q's
-    dtype); RMSNorm == x * rsqrt(mean(x^2) + eps) in float32: bitwise."""
+    dtype); RMSNorm == x * rsqrt(mean(x^2) + eps) in float32, within a stated bound."""
     torch.manual_seed(sum(shape))
     n, _, length, d = shape
     x = torch.randn(shape).to(dtype)
@@ -74,5 +74,18 @@ def test_rope_and_norm_match_their_textbook_forms(dtype, shape):
         norm.weight.copy_(torch.randn(d))
     norm = norm.to(dtype)
     xf = x.float()
-    want = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
-    assert torch.equal(norm(x), want)
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)  # [..., d] float32
+    want = norm.weight * normed.to(dtype)
+    got = norm(x)
+    assert got.dtype == dtype and got.shape == x.shape
+    # through layer_norm on [x, -x]: float32 rounding, plus |mean| * rstd with the mean 0 up to rounding
+    # (2 d float32 roundings of values <= max|x|); in bf16 one rounding step of the normalized value at most
+    w = norm.weight.float()
+    if dtype == torch.float32:
+        bound = w.abs() * (4e-7 * normed.abs() + 2 * d * 6e-8 * xf.abs().amax(-1, keepdim=True) *
+                           torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))
+    else:
+        bound = (w * normed).abs() * 2**-7
+    assert ((got.float() - want.float()).abs() <= bound).all()
+    if dtype == torch.bfloat16:  # nearly always bitwise
+        assert (got != want).float().mean().item() < 1e-3

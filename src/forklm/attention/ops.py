@@ -252,10 +252,16 @@ def attention_with_lse(
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Non-causal attention of M query rows per kv head to every key, without the LSE (a row's only
     level: nothing to merge). q: [B, Hkv, M, D]; k, v: [B, Hkv, L, D], L > 0 -> [B, Hkv, M, D]."""
-    if q.device.type == "cpu" and q.shape[-2] == 1 and q.dtype != torch.float32:
-        # one bf16/fp16 query row takes the CPU flash kernel's slow path: two copies run faster (as in
-        # _cpu_flash_with_lse)
-        return F.scaled_dot_product_attention(torch.cat([q, q], dim=-2), k, v, scale=scale)[:, :, :1]
+    if q.device.type == "cpu" and _HAS_CPU_FLASH and not torch.compiler.is_compiling():
+        # the kernel F.scaled_dot_product_attention picks here, called directly: the dispatcher's choice
+        # cost about as much as the kernel at one decode row (L=257: 71 vs 38 us, docs/architecture.md)
+        m = q.shape[-2]
+        if m == 1 and q.dtype != torch.float32:
+            # one bf16/fp16 query row takes the kernel's slow path: two copies run faster (as in
+            # _cpu_flash_with_lse)
+            q = torch.cat([q, q], dim=-2)  # [B, Hkv, 2, D]
+        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[0]  # [B, Hkv, M', D]
+        return out if out.shape[-2] == m else out[:, :, :m]
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
