@@ -257,6 +257,26 @@ def test_input_is_not_modified():
     assert torch.equal(logits, before)
 
 
+@pytest.mark.parametrize("penalty", [False, True], ids=["temperature_first", "after_a_penalty"])
+def test_owned_logits_are_divided_in_place_with_the_same_result(penalty):
+    """`owned`: the caller's own logits may be overwritten: temperature divides them in place (the engine's
+    fresh [S, V] a step), giving bitwise the result of the copy; without it the input stays as it was."""
+    params = [SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.3 if penalty else 1.0),
+              SamplingParams(temperature=1.3), SamplingParams(temperature=0.0)]
+    t, h = make_rows(params, [[1, 2, 1], [3], [4, 4]], [[2], [], [1]])
+    torch.manual_seed(3)
+    logits = torch.randn(3, V)
+    before = logits.clone()
+    want = process_logits(logits, t, h)
+    assert torch.equal(logits, before)
+    mine = logits.clone()
+    got = process_logits(mine, t, h, owned=True)
+    assert torch.equal(got, want)
+    if not penalty:  # the division went into the caller's tensor itself
+        assert not torch.equal(mine, before)
+        assert torch.equal(mine, before / t.temperature)
+
+
 def test_token_history_bookkeeping():
     h = TokenHistory(3, 8, 10)
     h.reset_row(0, [1, 2, 2])

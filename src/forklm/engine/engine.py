@@ -333,7 +333,7 @@ class Engine:
         for req in beams:  # beam search scores log-probabilities (then processors), as transformers does
             rows = self._rows(req)
             logits[rows] = torch.log_softmax(logits[rows], dim=-1)
-        processed = process_logits(logits, self._tensors, history)
+        processed = process_logits(logits, self._tensors, history, owned=True)  # this step's own tensor
         result = self._sample(processed, self._tensors, history)
         tokens = torch.where(producing, result.tokens, self._next_tokens[:R])  # [R]
         if beams:
