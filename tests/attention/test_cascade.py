@@ -42,7 +42,10 @@ def _reference(q, keys, values):
 @pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dense", [True, False])
-def test_decode_levels_match_sdpa_over_concatenated_cache(depth, heads, dtype, dense):
+@pytest.mark.parametrize("lockstep", [False, True], ids=["ragged", "lockstep"])
+def test_decode_levels_match_sdpa_over_concatenated_cache(depth, heads, dtype, dense, lockstep):
+    """Every level against SDPA over the row's concatenated keys; the token's K/V written to its slot and
+    nowhere else (rows in lockstep, dense: by one strided copy, `DecodePlan.write_slot`)."""
     torch.manual_seed(depth * 10 + heads[1])
     h, hkv = heads
     d, T = 16, 24
@@ -67,16 +70,22 @@ def test_decode_levels_match_sdpa_over_concatenated_cache(depth, heads, dtype, d
             by_depth[-1].append(levels[-1])
             for b in range(lo, hi):
                 paths[b].append(seg)
-    dec = [3, 0, 5, 1, 7, 2, 4]  # tokens already in each row before this step
+    dec = [4] * B if lockstep else [3, 0, 5, 1, 7, 2, 4]  # tokens already in each row before this step
     write = torch.tensor(dec)
     pool_len = torch.zeros(R, dtype=torch.long)
     pool_len[pool_rows] = write + 1
     plan = DecodePlan(torch.tensor(pool_rows), write, write, pool_len, int(pool_len.max()), dense, levels,
-                      [LevelGroup.of(passes[:: (-1) ** d], B, "cpu") for d, passes in enumerate(by_depth)])
+                      [LevelGroup.of(passes[:: (-1) ** d], B, "cpu") for d, passes in enumerate(by_depth)],
+                      write_slot=4 if lockstep and dense else None)
     # depths 1-3: ragged groups; odd depths list their passes backwards (rows not in order: an index)
     q, k, v = (torch.randn(B, x, 1, d).to(dtype) for x in (h, hkv, hkv))
+    before = pool.kv.clone()
     out = DecodeAttention(pool, plan).attend(0, q, k, v)  # [B, H, 1, D]
     assert out.shape == (B, h, 1, d) and out.dtype == dtype
+    written = torch.zeros(pool.kv.shape[:-1], dtype=torch.bool)  # [2, layers, S, Hkv, T]
+    written[:, 0, pool_rows, :, dec] = True
+    assert torch.equal(pool.kv[~written], before[~written])  # nothing else changed
+    assert torch.equal(pool.v[0][pool_rows, :, dec], v[:, :, 0])
     for b, row in enumerate(pool_rows):
         ks = [s.k(0)[:, : s.length] for s in paths[b]] + [pool.k[0][row, :, : dec[b] + 1]]
         vs = [s.v(0)[:, : s.length] for s in paths[b]] + [pool.v[0][row, :, : dec[b] + 1]]
@@ -155,6 +164,17 @@ def test_multi_token_decode_matches_causal_sdpa_over_every_level(depth, heads, d
             ref = _reference(q[i, :, 0], torch.cat(ks, 1), torch.cat(vs, 1))
             assert (out[i, :, 0].float() - ref).abs().max() < TOL[dtype], (b, j, depth)
             i += 1
+
+
+def test_write_slot_only_for_a_dense_batch_in_lockstep():
+    """`write_slot`: rows 0..B-1, one token each, all at one slot, no tail: else the index write."""
+    seg = _segment(2, 5, 8, torch.float32)
+    assert build_decode_plan([0, 1, 2], [1] * 3, [6] * 3, [9] * 3, [True] * 3, [], "cpu").write_slot == 6
+    assert build_decode_plan([0, 1, 2], [1] * 3, [6, 5, 6], [9] * 3, [True] * 3, [], "cpu").write_slot is None
+    assert build_decode_plan([0, 2], [1] * 2, [6] * 2, [9] * 2, [True] * 2, [], "cpu").write_slot is None
+    assert build_decode_plan([0, 1], [2, 2], [6, 6], [9, 9], [True] * 2, [], "cpu").write_slot is None
+    tails = build_decode_plan([0, 1], [1, 1], [0, 0], [9, 9], [True] * 2, [(0, seg, 6, [0])], "cpu", {0: (seg, 5)})
+    assert tails.write_slot is None
 
 
 def test_multi_token_plan_with_one_token_per_row_is_the_plain_plan():

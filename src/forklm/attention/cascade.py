@@ -143,11 +143,15 @@ class DecodeAttention:
         plan, pool = self.plan, self.pool
         kp = pool.k[layer]  # [S, Hkv, T, D]
         pt = plan.pool_tokens  # None: every token's K/V goes to the pool
-        if self._write_index is None:
-            rows, pos = (plan.pool_rows, plan.write_pos) if pt is None else (plan.pool_rows[pt], plan.write_pos[pt])
-            self._write_index = flat_index(kp.shape, rows, pos)
         # written before attending: no level is empty
-        if pt is None or pt.numel():
+        if plan.write_slot is not None:  # rows 0..B-1 in lockstep: a strided copy per buffer (an index_copy_
+            # and its reshape cost ~3x as much at B=64)
+            kp[: q.shape[0], :, plan.write_slot] = k[:, :, 0]  # [B, Hkv, D]
+            pool.v[layer][: q.shape[0], :, plan.write_slot] = v[:, :, 0]
+        elif pt is None or pt.numel():
+            if self._write_index is None:
+                rows, pos = (plan.pool_rows, plan.write_pos) if pt is None else (plan.pool_rows[pt], plan.write_pos[pt])
+                self._write_index = flat_index(kp.shape, rows, pos)
             write_at(pool.k_flat[layer], self._write_index, k if pt is None else k[pt])  # [N, Hkv, 1, D]
             write_at(pool.v_flat[layer], self._write_index, v if pt is None else v[pt])
         for tw in plan.tails:  # rows keeping their K/V after their prompt, in its segment

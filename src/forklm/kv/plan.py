@@ -99,6 +99,7 @@ class DecodePlan:
     rows: list[int] = field(default_factory=list)  # the pool row of each batch row (host), ascending
     tails: list[TailWrite] = field(default_factory=list)  # rows writing after their prompt, not in the pool
     pool_tokens: Tensor | None = None  # [N'] int64: the tokens written to the pool when some rows are tails
+    write_slot: int | None = None  # dense, no tails, and every row writes this one slot (samples in lockstep)
 
     @property
     def pool_pass(self) -> bool:
@@ -168,8 +169,9 @@ def build_decode_plan(batch: list[int], counts: list[int], write: list[int], pos
     pool_tokens = t([i for i in range(len(batch)) if i not in tails]) if tails else None
     if tails and window == 0:  # no pool pass: the depth-0 level is every row's first part
         assert groups and sum(lp.num_rows for lp in groups[0].passes) == len(tok_rows), "a tail row reads no depth-0 level"
+    write_slot = write[0] if dense and not tails and len(set(write)) == 1 else None
     return DecodePlan(t(tok_rows), t(tok_pos), t(tok_write), t(pool_len), window, dense, levels, groups,
-                      query_len, grid, list(counts), list(batch), tail_writes, pool_tokens)
+                      query_len, grid, list(counts), list(batch), tail_writes, pool_tokens, write_slot)
 
 
 @dataclass
