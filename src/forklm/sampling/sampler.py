@@ -114,7 +114,8 @@ def _race(logits: Tensor, t: SamplingTensors, keys: Tensor, rows: slice) -> Tens
     inverse-CDF sampling against a cumulative sum.
     """
     u = uniform_from_keys(keys, t.token_keys)  # [b, V] in (0, 1)
-    race = u.log_().neg_().log_().neg_().add_(logits)  # [b, V] logits - log(-log u), in place
+    noise = u.log_().neg_().log_()  # [b, V] log E = log(-log u), in place
+    race = torch.sub(logits, noise, out=noise)  # [b, V] logits - log E (bitwise -log E + logits)
     if torch.compiler.is_compiling() or t.any_greedy:  # greedy rows take their logits' argmax
         race = torch.where(t.greedy[rows, None], logits, race)  # [b, V]
     return race.argmax(dim=-1)  # [b]
