@@ -35,10 +35,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x * rsqrt(mean(x^2) + eps) in float32, rounded to x's dtype, times the weight (Hugging Face's
         LlamaRMSNorm), through torch's native layer norm: [x, -x] has mean 0 and x's mean square. One
-        kernel instead of F.rms_norm's chain of operators (decomposed on CPU), which cost ~2.5 ms of an
-        n=1 step of 61 norms. Equal up to float32 rounding and |mean| * rstd (the mean of [x, -x] is 0
-        only up to rounding): bf16 outputs are nearly always bitwise Hugging Face's (tests/test_model.py
-        states the bound)."""
+        kernel instead of F.rms_norm's chain of operators (decomposed on CPU; docs/architecture.md).
+        Equal up to float32 rounding and |mean| * rstd (the mean of [x, -x] is 0 only up to rounding):
+        bf16 outputs are nearly always bitwise Hugging Face's (tests/test_model.py states the bound)."""
         d = x.shape[-1]
         both = torch.cat((x, x.neg()), dim=-1)  # [..., 2E]
         return self.weight * F.layer_norm(both, (2 * d,), eps=self.eps)[..., :d]  # [..., E]

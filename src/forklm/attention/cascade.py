@@ -144,8 +144,8 @@ class DecodeAttention:
         kp = pool.k[layer]  # [S, Hkv, T, D]
         pt = plan.pool_tokens  # None: every token's K/V goes to the pool
         # written before attending: no level is empty
-        if plan.write_slot is not None:  # rows 0..B-1 in lockstep: a strided copy per buffer (an index_copy_
-            # and its reshape cost ~3x as much at B=64)
+        if plan.write_slot is not None:  # rows 0..B-1 in lockstep: a strided copy per buffer (cheaper than
+            # an index_copy_ and its reshape: docs/architecture.md)
             kp[: q.shape[0], :, plan.write_slot] = k[:, :, 0]  # [B, Hkv, D]
             pool.v[layer][: q.shape[0], :, plan.write_slot] = v[:, :, 0]
         elif pt is None or pt.numel():

@@ -254,7 +254,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     level: nothing to merge). q: [B, Hkv, M, D]; k, v: [B, Hkv, L, D], L > 0 -> [B, Hkv, M, D]."""
     if q.device.type == "cpu" and _HAS_CPU_FLASH and not torch.compiler.is_compiling():
         # the kernel F.scaled_dot_product_attention picks here, called directly: the dispatcher's choice
-        # cost about as much as the kernel at one decode row (L=257: 71 vs 38 us, docs/architecture.md)
+        # cost about as much as the kernel at one decode row (docs/architecture.md)
         m = q.shape[-2]
         if m == 1 and q.dtype != torch.float32:
             # one bf16/fp16 query row takes the kernel's slow path: two copies run faster (as in

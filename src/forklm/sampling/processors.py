@@ -127,8 +127,8 @@ def process_logits(logits: Tensor, t: SamplingTensors, h: TokenHistory, owned: b
 
     The input is not modified (it is returned as is when no processor applies), unless the caller says
     it is its own to overwrite (`owned`, the engine's fresh logits of a step): then temperature divides
-    it in place, as it does a tensor an earlier processor made. At n=64 that spared a [64, 49152] float32 tensor a step, 12.6 MB that the allocator
-    took from the kernel again at times (3,000 page faults, ~2.5-3 ms; docs/architecture.md).
+    it in place, as it does a tensor an earlier processor made (one [S, V] float32 tensor fewer a step:
+    docs/architecture.md).
     """
     given = logits
     if t.use_repetition_penalty:
