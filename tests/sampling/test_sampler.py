@@ -188,6 +188,7 @@ def test_logprobs_top_alternatives_and_ranks():
         assert rank == 1 + int((reference[i] > reference[i, r.tokens[i]]).sum())
         if rank <= 5:
             assert ids[i, rank - 1] == r.tokens[i]
+            assert values[i, rank - 1] == r.logprobs[i]  # the chosen token's own entry, bitwise
     assert torch.isinf(reference).any()  # top_k removed tokens: their log prob is -inf
     _, none_asked = draw(logits, [RowSpec(SamplingParams(), i, 11) for i in range(S)])
     assert none_asked.top_logprobs is None and none_asked.ranks is None and none_asked.logprobs.shape == (S,)
