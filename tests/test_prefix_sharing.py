@@ -67,9 +67,11 @@ def test_continuation_reuses_prompt_and_sample(hf_models, family):
 
 def test_levels_are_read_once_per_step(hf_models):
     """Two questions under one system prompt, n=2 each: the decode plan reads the system prompt once
-    for 4 rows and each question once for its 2 rows (3 levels above the samples)."""
+    for 4 rows and each question once for its 2 rows (3 levels above the samples). (Samples in the pool:
+    a request of few samples keeps them after its prompt otherwise, tested below.)"""
     llm = LLM(str(hf_models["llama_gqa"][1]))
     engine = llm.make_engine(CacheShape(4, 8, 4, 64, 8))
+    engine.scheduler.tails = False
     p = SamplingParams(n=2, max_tokens=8, temperature=1.0, seed=1, ignore_eos=True)
     engine.add_request("a", SYSTEM + QUESTIONS[0], p)
     engine.step()
@@ -284,3 +286,60 @@ def test_no_room_after_the_prompt_decodes_from_the_pool(hf_models):
     seen = []
     out = _run(engine, [("a", PROMPTS[1], p)], before=lambda: seen.append(engine.scheduler.running["a"].tail))
     assert seen == [False] and out["a"].token_ids == cold(folder, [PROMPTS[1]], p)[0][0]
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "gpt_bigcode_mqa"])
+def test_a_few_samples_keep_their_kv_interleaved_after_their_prompt(hf_models, family):
+    """n=4, few new tokens: the prompt's segment has room for every sample's tokens, interleaved, and
+    decode reads one level (no pool pass, one masked call). One sample stops early (its turns then stay
+    unwritten, masked). Tokens and log probs as with the samples in the pool; at the end the segment is
+    cut back to the prompt and each sample is cached as a continuation of it. Many samples, or many
+    new tokens, decode from the pool."""
+    folder = str(hf_models[family][1])
+    llm = LLM(folder)
+    p = SamplingParams(n=4, max_tokens=9, temperature=1.0, seed=7, logprobs=0, ignore_eos=True)
+    pool_engine = llm.make_engine(CacheShape(2, 4, 4, 64, 9))
+    pool_engine.scheduler.tails = False
+    free = _run(pool_engine, [("a", PROMPTS[1], p)])["a"]
+    stop = [free.token_ids[2]]  # sample 0 ends at its third token or earlier
+    p = SamplingParams(n=4, max_tokens=9, temperature=1.0, seed=7, logprobs=0, ignore_eos=True, stop_token_ids=stop)
+    pool_engine = llm.make_engine(CacheShape(2, 4, 4, 64, 9))
+    pool_engine.scheduler.tails = False
+    pool_engine.add_request("a", PROMPTS[1], p)
+    while pool_engine.has_unfinished():
+        pool_engine.step()
+    ref = pool_engine.pop_output("a").outputs
+    engine = llm.make_engine(CacheShape(2, 4, 4, 64, 9))
+    plans = []
+    engine.add_request("a", PROMPTS[1], p)
+    while engine.has_unfinished():
+        if engine.scheduler.running and engine.scheduler.running["a"].samples:
+            plans.append(engine.scheduler.schedule()[0].decode)
+        engine.step()
+    out = engine.pop_output("a").outputs
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref]
+    assert [o.cumulative_logprob for o in out] == pytest.approx([o.cumulative_logprob for o in ref], abs=1e-4)
+    lengths = sorted(len(o.token_ids) for o in out)
+    assert lengths[0] < 9 == lengths[-1]  # some sample stopped early, another ran to the end
+    L = len(PROMPTS[1])
+    first = plans[0]
+    assert not first.pool_pass and len(first.tails) == 4 and len(first.groups) == 1
+    assert [(lv.length, lv.num_rows, lv.interleave.stride) for lv in first.levels] == [(L + 4, 4, 4)]
+    assert all(len(pl.tails) == pl.num_rows for pl in plans if pl is not None)
+    assert engine.storage.pool.kv.abs().sum() == 0  # nothing went to the pool
+    for o in out:  # each sample cached after the prompt: the prompt and its tokens but the last are all reused
+        if len(o.token_ids) > 1:
+            m = engine.prefix_cache.match(PROMPTS[1] + o.token_ids[:-1])
+            assert m.length + (m.partial[1] if m.partial else 0) == L + len(o.token_ids) - 1
+    assert all(n.segment.capacity == len(n.tokens) for n in engine.prefix_cache.nodes())
+    assert engine.prefix_cache.total_refs() == 0
+    one = SamplingParams(max_tokens=6, temperature=1.0, seed=3, logprobs=0, ignore_eos=True)
+    for j in (1, 3):  # a later turn on sample j (its cached K/V taken from every 4th slot) as computed cold
+        follow = PROMPTS[1] + out[j].token_ids[:5] + [50, 51]
+        cont = _run(engine, [("b", follow, one)])["b"]
+        want = LLM(folder, enable_prefix_caching=False).generate(prompt_token_ids=[follow], sampling_params=one)
+        assert cont.token_ids == want[0].outputs[0].token_ids
+        assert cont.cumulative_logprob == pytest.approx(want[0].outputs[0].cumulative_logprob, abs=1e-4)
+    for n, max_tokens in ((16, 32), (2, 1100)):  # n * n * max_tokens above scheduler.INTERLEAVE_MAX_WORK
+        q = SamplingParams(n=n, max_tokens=max_tokens, temperature=1.0, seed=1)
+        assert not LLM(folder).make_engine(CacheShape(1, 16, 16, 64, 1100)).scheduler._wants_tail(q)

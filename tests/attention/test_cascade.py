@@ -263,7 +263,7 @@ def test_one_row_alone_after_its_prompt_takes_the_short_path_and_matches_sdpa(pr
     results = []
     for short in (True, False):
         if not short:
-            monkeypatch.setattr("forklm.attention.cascade._only_tail", lambda plan: None)
+            monkeypatch.setattr("forklm.attention.cascade._only_tails", lambda plan: False)
         seg = Segment(kv.clone(), prompt)
         plan = build_decode_plan([0], [1], [0], [slot], [True], [(0, seg, slot + 1, [0])], "cpu", {0: (seg, slot)})
         torch.manual_seed(1)
@@ -271,7 +271,7 @@ def test_one_row_alone_after_its_prompt_takes_the_short_path_and_matches_sdpa(pr
         pool = _random_pool(1, hkv, 4, d, dtype)
         pool.k, pool.v = pool.k * layers, pool.v * layers  # the general path takes the layer's pool buffers
         attn = DecodeAttention(pool, plan)
-        assert (attn._tail is not None) == short
+        assert attn._only_tails == short
         out = attn.attend(layer, q, k, v)  # [1, H, 1, D]
         assert out.shape == (1, h, 1, d) and out.dtype == dtype
         assert torch.equal(seg.k(layer)[:, slot], k[0, :, 0]) and torch.equal(seg.v(layer)[:, slot], v[0, :, 0])
@@ -282,3 +282,82 @@ def test_one_row_alone_after_its_prompt_takes_the_short_path_and_matches_sdpa(pr
         assert (out[0, :, 0].float() - ref).abs().max() < TOL[dtype]
         results.append(out)
     assert (results[0].float() - results[1].float()).abs().max() < TOL[dtype]
+
+
+@pytest.mark.parametrize("shape", ["alone", "under-system", "beside-pool-rows"])
+@pytest.mark.parametrize("heads", HEADS, ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("short", [True, False], ids=["short-path", "general-path"])
+def test_interleaved_samples_after_their_prompt_match_sdpa(shape, heads, dtype, short, monkeypatch):
+    """A request of n=4 samples keeping its K/V after its prompt, interleaved (sample j's t-th token at
+    p + t*n + j; sample 2 finished, so its turns hold stale values): each live row attends to the prompt
+    and its own tokens only, as SDPA over exactly those; this step's tokens written to their turns and
+    nothing else. Alone (one masked call), under a shared system prompt, and beside pool rows that read
+    the prompt too (the samples' own tokens then a level below it)."""
+    if not short:
+        monkeypatch.setattr("forklm.attention.cascade._only_tails", lambda plan: False)
+    torch.manual_seed(5 + heads[1] + len(shape))
+    h, hkv = heads
+    d, T, n, p, t = 16, 24, 4, 13, 5  # t own tokens of each sample before this step
+    seg = _segment(hkv, p + n * (t + 1), d, dtype, spare=n * 3)
+    seg.length = p
+    live = [0, 1, 3]  # batch rows 0..2 are samples 0, 1, 3
+    owners = {b: j for b, j in enumerate(live)}
+    end = t * n + max(live) + 1
+    system = _segment(hkv, 9, d, dtype)
+    if shape == "alone":
+        readers, batch, paths = [(0, seg, p + end, [0, 1, 2], (p, n, owners))], [0, 1, 2], {b: [] for b in range(3)}
+    elif shape == "under-system":
+        readers = [(0, system, 9, [0, 1, 2]), (1, seg, p + end, [0, 1, 2], (p, n, owners))]
+        batch, paths = [0, 1, 2], {b: [system] for b in range(3)}
+    else:  # pool rows 3, 4 read the prompt too
+        own = Segment(seg.kv[:, :, :, p:], end)
+        readers = [(0, seg, p, [0, 1, 2, 3, 4]), (1, own, end, [0, 1, 2], (0, n, owners))]
+        batch, paths = [0, 1, 2, 3, 5], {b: [] for b in range(5)}
+    B = len(batch)
+    dec = [0, 0, 0, 2, 6][:B]
+    tails = {b: (seg, p + t * n + j) for b, j in owners.items()}
+    plan = build_decode_plan(batch, [1] * B, dec, [50] * B, [True] * B, readers, "cpu", tails)
+    attn_ = DecodeAttention(_random_pool(batch[-1] + 1, hkv, T, d, dtype), plan)
+    assert attn_._only_tails == (short and shape == "alone")
+    q, k, v = (torch.randn(B, x, 1, d).to(dtype) for x in (h, hkv, hkv))
+    before = seg.kv.clone()
+    out = attn_.attend(0, q, k, v)  # [B, H, 1, D]
+    assert out.shape == (B, h, 1, d) and out.dtype == dtype
+    written = torch.zeros(seg.kv.shape[:-1], dtype=torch.bool)  # [layers, 2, Hkv, cap]
+    for b, j in owners.items():
+        written[0, :, :, p + t * n + j] = True
+        assert torch.equal(seg.k(0)[:, p + t * n + j], k[b, :, 0]) and torch.equal(seg.v(0)[:, p + t * n + j], v[b, :, 0])
+    assert torch.equal(seg.kv[~written], before[~written])
+    pool = attn_.pool
+    for b in range(B):
+        if b in owners:
+            mine = list(range(p)) + [p + s * n + owners[b] for s in range(t + 1)]  # prompt, then its own turns
+            ks = [s_.k(0)[:, : s_.length] for s_ in paths[b]] + [seg.k(0)[:, mine]]
+            vs = [s_.v(0)[:, : s_.length] for s_ in paths[b]] + [seg.v(0)[:, mine]]
+        else:
+            ks = [seg.k(0)[:, :p], pool.k[0][batch[b], :, : dec[b] + 1]]
+            vs = [seg.v(0)[:, :p], pool.v[0][batch[b], :, : dec[b] + 1]]
+        ref = _reference(q[b, :, 0], torch.cat(ks, 1), torch.cat(vs, 1))
+        assert (out[b, :, 0].float() - ref).abs().max() < TOL[dtype], b
+
+
+@pytest.mark.parametrize("flash", [True, False], ids=["cpu-flash", "reference"])
+def test_interleaved_key_mask_keeps_the_prompt_and_each_rows_turns(flash, monkeypatch):
+    """The mask of rows owning every n-th key after the prompt, against the positions written out, and
+    attention under it as SDPA over each row's keys alone (one row and a long segment: the reference path)."""
+    if not flash:
+        monkeypatch.setattr(ops, "_HAS_CPU_FLASH", False)
+    owners = torch.tensor([2, 0])
+    m = ops.interleaved_key_mask(11, 4, 3, owners, 2, torch.float32)
+    want = [[c < 4 or (c - 4) % 3 == j for c in range(11)] for j in (2, 2, 0, 0)]
+    assert m.keep[0, 0].tolist() == want and m.additive.shape == (1, 1, 4, 11)
+    torch.manual_seed(0)
+    for rows, length in ((2, 11), (1, 200)):
+        q, k, v = torch.randn(1, 1, rows, 8), torch.randn(1, 1, length, 8), torch.randn(1, 1, length, 8)
+        mask = ops.interleaved_key_mask(length, 4, 3, owners[:rows], 1, torch.float32)
+        out = ops.attention(q, k, v, 8**-0.5, mask)
+        for r in range(rows):
+            mine = [c for c in range(length) if c < 4 or (c - 4) % 3 == owners[r]]
+            ref = _reference(q[0, :, r], k[0][:, mine], v[0][:, mine])
+            assert (out[0, :, r] - ref).abs().max() < 2e-5

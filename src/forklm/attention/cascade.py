@@ -1,7 +1,8 @@
 """Attention backends bound to a step plan: the objects the model's layers call `attend` on.
 
 Decode (`DecodeAttention`): the current token's K/V is written to each row's pool slot (or, for a
-row that keeps its K/V after its prompt, to its slot in the prompt's segment), then one
+row that keeps its K/V after its prompt, to its slot in the prompt's segment, a request's samples
+taking turns there when it has several: one masked call then reads the prompt and their own), then one
 LSE-returning pass per level (the sample level over the pool rows, then the plan's shared segments
 over exactly the rows below them, one batched call per depth of the tree) folded by the exact
 merge. Cost follows the live rows and the real lengths: the pool is read up to the longest live row
@@ -17,10 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kv.plan import DecodePlan, LevelGroup, PrefillChunk, TailWrite
+from ..kv.plan import DecodePlan, LevelGroup, PrefillChunk
 from ..kv.storage import SamplePool, flat_index, write_at
 from .ops import (KeyMask, attention, attention_with_lse, attention_with_lse_per_query, causal_attention, causal_attention_with_lse,
-                  key_mask, merge_with_lse)
+                  interleaved_key_mask, key_mask, merge_with_lse)
 
 
 def _level_pass(q: Tensor, k: Tensor, v: Tensor, length: Tensor, scale: float,
@@ -57,15 +58,14 @@ def _group_pass(qz: Tensor, group: LevelGroup, k: Tensor, v: Tensor, scale: floa
     return out[group.out_index], lse[group.out_index]  # [U, H, D], [U, H]
 
 
-def _only_tail(plan: DecodePlan) -> TailWrite | None:
-    """The plan's one row when it keeps its K/V after its prompt and reads nothing else (no pool pass, one
-    level: its own segment); else None."""
-    if plan.pool_pass or len(plan.tails) != 1 or plan.num_rows != 1 or len(plan.groups) != 1:
-        return None
+def _only_tails(plan: DecodePlan) -> bool:
+    """Every row keeps its K/V after one prompt and reads nothing else (no pool pass, one level: the
+    prompt's segment with the rows' own tokens after it)."""
+    if plan.pool_pass or len(plan.tails) != plan.num_rows or len(plan.groups) != 1:
+        return False
     group = plan.groups[0]
-    if group.query_index is not None or group.passes[0].segment is not plan.tails[0].segment:
-        return None
-    return plan.tails[0]
+    segment = group.passes[0].segment
+    return group.query_index is None and all(tw.segment is segment for tw in plan.tails)
 
 
 class DecodeAttention:
@@ -81,16 +81,72 @@ class DecodeAttention:
         self._write_index: Tensor | None = None  # [N * Hkv] into a pool buffer's flat [S*Hkv*T, D] view
         self._pool_views: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None  # pool.window, per layer
         self._masks: dict[object, KeyMask | None] = {}  # "pool" / group index -> its key mask (CPU only)
-        self._tail = _only_tail(plan)
-        self._tail_index: Tensor | None = None  # [2 * Hkv] into the tail segment's flat [2*Hkv*cap, D] layer
-        self._tail_views: tuple[Tensor, Tensor, Tensor] | None = None  # its flat layers, valid K and V
+        self._only_tails = _only_tails(plan)
+        # rows keeping their K/V after their prompt, per segment: (its layers as flat [2*Hkv*cap, D] views,
+        # the [2 * R * Hkv] write index of its rows' K then V heads, their query tokens); made at the first layer
+        self._tail_writes: list[tuple[tuple[Tensor, ...], Tensor, slice | Tensor]] | None = None
+        self._tail_views: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None  # the one level's K, V
 
     def _mask(self, key, valid: Tensor, length: int, q: Tensor) -> KeyMask | None:
-        if q.device.type != "cpu":
-            return None
         if key not in self._masks:
-            self._masks[key] = key_mask(valid, length, q.dtype)
+            group = self.plan.groups[key] if isinstance(key, int) else None
+            il = None if group is None else group.passes[0].interleave
+            if il is not None and il.stride > 1:  # rows read their own keys only: a mask per query row
+                owners = torch.tensor(il.owners, device=q.device)  # [R]
+                g = q.shape[1] // self.pool.k[0].shape[1]
+                self._masks[key] = interleaved_key_mask(length, il.start, il.stride, owners, g, q.dtype)
+            elif q.device.type != "cpu":
+                return None
+            else:
+                self._masks[key] = key_mask(valid, length, q.dtype)
         return self._masks[key]
+
+    def _write_tails(self, layer: int, k: Tensor, v: Tensor) -> None:
+        """This token's K/V of every row keeping them after its prompt, to its slot there: one index_copy_
+        per segment (per row, two copies a layer were a step's largest glue at n=16)."""
+        if self._tail_writes is None:
+            by_segment: dict[int, list] = {}
+            for tw in self.plan.tails:
+                by_segment.setdefault(id(tw.segment), []).append(tw)
+            self._tail_writes = []
+            for tws in by_segment.values():
+                kv = tws[0].segment.kv  # [layers, 2, Hkv, cap, D]
+                layers, _, hkv, cap, d = kv.shape
+                heads = torch.arange(hkv, device=kv.device) * cap  # [Hkv]
+                slots = torch.tensor([tw.slot for tw in tws], device=kv.device)  # [R]
+                index = (slots[:, None] + heads).flatten()  # [R*Hkv]: row r's head h
+                index = torch.cat((index, index + hkv * cap))  # [2*R*Hkv]: K heads, then V heads
+                toks = [tw.token for tw in tws]
+                sel = slice(toks[0], toks[-1] + 1) if toks == list(range(toks[0], toks[-1] + 1)) else slots.new_tensor(toks)
+                self._tail_writes.append((kv.view(layers, 2 * hkv * cap, d).unbind(0), index, sel))
+        for flat, index, sel in self._tail_writes:
+            d = k.shape[-1]
+            new = torch.cat((k[sel].reshape(-1, d), v[sel].reshape(-1, d)))  # [R, Hkv, 1, D] each -> [2*R*Hkv, D]
+            flat[layer].index_copy_(0, index, new)
+
+    def _attend_tails(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Every row reads only its prompt's segment, its own K/V after the prompt (n=1), or its turns of
+        them (a few samples): write them, attend to the segment's valid keys in place in one call (masked
+        per row when several samples interleave): no pool pass, LSE or merge. (The general path below gives
+        the same for this plan, in about twice the operators a layer: what a small-n step mostly spends on.)"""
+        self._write_tails(layer, k, v)
+        group = self.plan.groups[0]
+        if self._tail_views is None:
+            kv = group.passes[0].segment.kv  # [layers, 2, Hkv, cap, D]
+            n = group.width  # the prompt and the rows' tokens, this step's included
+            self._tail_views = (kv[:, 0:1, :, :n].unbind(0), kv[:, 1:2, :, :n].unbind(0))  # valid K, V: [1, Hkv, n, D]
+        ks, vs = self._tail_views
+        r, h, _, d = q.shape
+        hkv = k.shape[1]
+        g = h // hkv
+        mask = self._mask(0, group.lengths, group.width, q)
+        if r == 1:
+            out = attention(q.reshape(1, hkv, g, d), ks[layer], vs[layer], d**-0.5,
+                            mask if group.passes[0].interleave is not None else None)  # [1, Hkv, G, D]
+            return out.reshape(1, h, 1, d)  # [1, H, 1, D]
+        qs = q.reshape(r, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, r * g, d)  # [1, Hkv, R*G, D]
+        out = attention(qs, ks[layer], vs[layer], d**-0.5, mask)  # [1, Hkv, R*G, D]
+        return out.reshape(hkv, r, g, d).permute(1, 0, 2, 3).reshape(r, h, 1, d)  # [R, H, 1, D]
 
     def _segment(self, i: int, group: LevelGroup) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """The one segment of group i, its valid keys: per layer [1, Hkv, W, D] views of K and of V (made at
@@ -117,29 +173,10 @@ class DecodeAttention:
         ks, vs = self._pool_views
         return ks[layer], vs[layer]
 
-    def _attend_tail(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """The one row reads only its prompt's segment, its own K/V after the prompt: write them, attend to
-        the segment's valid keys in place: no pool pass, LSE, mask or merge. (The general path below gives the
-        same for this plan, in about twice the operators a layer: what an n=1 step mostly spends on.)"""
-        tw = self._tail
-        kv = tw.segment.kv  # [layers, 2, Hkv, cap, D]
-        layers, _, hkv, cap, d = kv.shape
-        if self._tail_index is None:  # what every layer of the step reads: made at the first layer
-            n = self.plan.groups[0].width  # the prompt and this row's tokens, this one included
-            self._tail_index = torch.arange(2 * hkv, device=kv.device) * cap + tw.slot  # [2*Hkv]: K then V heads
-            self._tail_views = (kv.view(layers, 2 * hkv * cap, d).unbind(0),  # each layer's flat write target
-                                kv[:, 0:1, :, :n].unbind(0), kv[:, 1:2, :, :n].unbind(0))  # valid K, V: [1, Hkv, n, D]
-        flat, ks, vs = self._tail_views
-        new = torch.cat((k.reshape(hkv, d), v.reshape(hkv, d)))  # [1, Hkv, 1, D] each -> [2*Hkv, D]
-        flat[layer].index_copy_(0, self._tail_index, new)
-        h = q.shape[1]
-        out = attention(q.reshape(1, hkv, h // hkv, d), ks[layer], vs[layer], d**-0.5)  # [1, Hkv, G, D]
-        return out.reshape(1, h, 1, d)  # [1, H, 1, D]
-
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q [N, H, 1, D]; k, v [N, Hkv, 1, D]: one query token per row, or several (a verified draft)
-        if self._tail is not None:
-            return self._attend_tail(layer, q, k, v)
+        if self._only_tails:
+            return self._attend_tails(layer, q, k, v)
         plan, pool = self.plan, self.pool
         kp = pool.k[layer]  # [S, Hkv, T, D]
         pt = plan.pool_tokens  # None: every token's K/V goes to the pool
@@ -154,9 +191,8 @@ class DecodeAttention:
                 self._write_index = flat_index(kp.shape, rows, pos)
             write_at(pool.k_flat[layer], self._write_index, k if pt is None else k[pt])  # [N, Hkv, 1, D]
             write_at(pool.v_flat[layer], self._write_index, v if pt is None else v[pt])
-        for tw in plan.tails:  # rows keeping their K/V after their prompt, in its segment
-            tw.segment.kv[layer, 0, :, tw.slot] = k[tw.token, :, 0]  # [Hkv, D]
-            tw.segment.kv[layer, 1, :, tw.slot] = v[tw.token, :, 0]
+        if plan.tails:  # rows keeping their K/V after their prompt, in its segment
+            self._write_tails(layer, k, v)
         b, h, _, d = q.shape
         hkv = k.shape[1]
         g = h // hkv
@@ -197,12 +233,19 @@ class DecodeAttention:
                     qz = torch.cat([q, q.new_zeros(1, h, d)])  # [N + 1, H, D]: row N pads
                 o, l = _group_pass(qz, group, *self._stack(i, group, layer), scale,
                                    self._mask(i, group.lengths, group.width, q))
-            if out is None:  # the first part of every row (the plan checks the depth-0 level covers them all)
-                if isinstance(group.rows, slice):
+            if out is None or (not plan.pool_pass and group.depth == 0):
+                # the first part of its rows: with no pool pass, the depth-0 levels cover every row between
+                # them (the plan checks), a request's interleaved samples in a group of their own
+                if out is None and every:
                     out, lse = o, l
+                    continue
+                if out is None:
+                    out, lse = o.new_empty(b, h, d), l.new_empty(b, h)  # [N, H, D], [N, H]
+                if isinstance(group.rows, slice):
+                    out[group.rows], lse[group.rows] = o, l
                 else:
-                    out = o.new_empty(b, h, d).index_copy_(0, group.rows, o)  # [N, H, D]
-                    lse = l.new_empty(b, h).index_copy_(0, group.rows, l)  # [N, H]
+                    out.index_copy_(0, group.rows, o)
+                    lse.index_copy_(0, group.rows, l)
                 continue
             # the running part a has a key in every row (the pool level, written above, or a row's own
             # segment first) unless the plan says otherwise: then the guarded merge

@@ -49,6 +49,7 @@ __all__ = [
     "causal_attention_with_lse",
     "merge_with_lse",
     "attention_with_lse_reference",
+    "interleaved_key_mask",
     "bifurcated_decode_attention",
     "causal_attention",
     "decode_rows_from_counts",
@@ -123,6 +124,8 @@ class KeyMask:
     empty: Tensor | None  # [B] bool: rows with valid_len == 0; None when no row is empty
     length: int  # L, the keys it masks
     dtype: torch.dtype
+    keep: Tensor | None = None  # [B, 1, M, L] bool when the keys differ per query row (`interleaved_key_mask`);
+    # `additive` is then [B, 1, M, L] too, and valid_len only bounds the keys read
 
 
 def key_mask(valid_len: Tensor, length: int, dtype: torch.dtype) -> KeyMask:
@@ -134,6 +137,18 @@ def key_mask(valid_len: Tensor, length: int, dtype: torch.dtype) -> KeyMask:
     if eager and not empty.any():
         empty = None
     return KeyMask(_additive_mask(_key_mask(valid_len, length), dtype, -math.inf), empty, length, dtype)
+
+
+def interleaved_key_mask(length: int, start: int, stride: int, owners: Tensor, group: int,
+                         dtype: torch.dtype) -> KeyMask:
+    """The KeyMask of R rows of `group` query rows each (row-major: query r * group + g) reading one
+    segment of `length` keys whose keys before `start` are every row's and key start + t * stride + j
+    is row r's when owners[r] == j (a request's samples interleaved after their prompt, kv/plan.py's
+    `Interleave`). owners: [R] int64 -> additive and keep masks [1, 1, R * group, length]."""
+    key = torch.arange(length, device=owners.device)  # [L]
+    keep = (key < start) | ((key - start).remainder(stride) == owners[:, None])  # [R, L]
+    keep = keep.repeat_interleave(group, dim=0)[None, None]  # [1, 1, R*G, L]
+    return KeyMask(_additive_mask(keep, dtype, -math.inf), None, length, dtype, keep)
 
 
 def _fix_empty_rows(out: Tensor, lse: Tensor, valid_len: Tensor) -> tuple[Tensor, Tensor]:
@@ -237,6 +252,8 @@ def attention_with_lse(
     out = 0 and lse = -inf.
     """
     kernel = _fast_path(q, k)
+    if mask is not None and mask.keep is not None and kernel is not _cpu_flash_with_lse:
+        return _masked_reference(q, k, v, mask.keep, scale)  # keys per query row: only the CPU kernel takes them
     if kernel is None:
         return attention_with_lse_reference(q, k, v, valid_len, scale)
     args = (q, k, v, valid_len, scale) + ((mask,) if kernel is _cpu_flash_with_lse else ())
@@ -246,12 +263,17 @@ def attention_with_lse(
         return kernel(*args)
     except RuntimeError as exc:  # a private kernel refusing these shapes/strides
         logger.debug("attention kernel %s refused, using reference: %s", kernel.__name__, exc)
+        if mask is not None and mask.keep is not None:
+            return _masked_reference(q, k, v, mask.keep, scale)
         return attention_with_lse_reference(q, k, v, valid_len, scale)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: KeyMask | None = None) -> Tensor:
     """Non-causal attention of M query rows per kv head to every key, without the LSE (a row's only
-    level: nothing to merge). q: [B, Hkv, M, D]; k, v: [B, Hkv, L, D], L > 0 -> [B, Hkv, M, D]."""
+    level: nothing to merge). q: [B, Hkv, M, D]; k, v: [B, Hkv, L, D], L > 0 -> [B, Hkv, M, D].
+    mask: an `interleaved_key_mask` (keys per query row, each row with a key), or None: every key."""
+    if mask is not None and mask.additive is not None:
+        return attention_with_lse(q, k, v, torch.full((q.shape[0],), k.shape[-2], device=q.device), scale, mask)[0]
     if q.device.type == "cpu" and _HAS_CPU_FLASH and not torch.compiler.is_compiling():
         # the kernel F.scaled_dot_product_attention picks here, called directly: the dispatcher's choice
         # cost about as much as the kernel at one decode row (docs/architecture.md)

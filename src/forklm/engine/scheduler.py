@@ -12,7 +12,9 @@ A request of one sequence that prefills its own prompt node gets that node's seg
 its new tokens after the prompt (when the budget holds them): its row then decodes over one level
 (prompt and own tokens in one attention call, no merge) instead of the pool plus the prompt. At the
 end the tokens go to the prefix cache as a continuation, as from a pool row, and the prompt's segment
-is cut back to the prompt.
+is cut back to the prompt. A request of a few samples with few new tokens (n * n * max_tokens <=
+`INTERLEAVE_MAX_WORK`, on CPU) gets room for all of them, interleaved: sample j's t-th token at slot
+p + t * n + j, read by one call masked per sample.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from ..sampling import BeamSearchState, SamplingParams
 from .output import SampleState
 
 WAITING, PREFILL, DECODE = "waiting", "prefill", "decode"
+# n > 1 samples interleave after their prompt while n * n * max_tokens is at most this: the masked call
+# computes every sample's slots for each one, n times the own-token work of the pool's pass, and beat
+# the pool's pass plus its merge below it (benchmarks/results/tail_attention_avx512bf16.md)
+INTERLEAVE_MAX_WORK = 4096
 ADMITTED, BLOCKED, FULL = "admitted", "blocked", "full"
 
 
@@ -46,7 +52,7 @@ class Request:
     node: Node | None = None  # the last node of the prompt's path (pinned while running)
     own: Node | None = None  # the node this request prefills (None when the prompt was all cached)
     scratch: Segment | None = None  # K/V of a logits-only recompute of the last prompt token
-    tail: bool = False  # its one row keeps its K/V after the prompt in `node`'s segment, not in the pool
+    tail: bool = False  # its rows keep their K/V after the prompt in `node`'s segment (interleaved), not in the pool
     prefilled: int = 0  # prompt tokens whose K/V exist
     first_logits: Tensor | None = None  # [V] next-token logits at the prompt's end, once known
     num_cached_tokens: int = 0
@@ -105,18 +111,21 @@ class Scheduler:
         parent = self.cache.root
         if m is not None:
             parent = self.cache.split(*m.partial) if m.partial else m.node
-        wants_tail = self.tails and n == 1 and req.params.beam_width == 1 and req.params.max_tokens > 1
+        wants_tail = self._wants_tail(req.params)
+        room = n * req.params.max_tokens
         if matched < L:
             seg = None
             if wants_tail:  # room for its new tokens, if free
-                seg = self.storage.allocate(L - matched + req.params.max_tokens)
+                seg = self.storage.allocate(L - matched + room)
                 req.tail = seg is not None
+                if seg is not None and n > 1:  # a sample's unwritten turns are read, masked: finite values
+                    seg.kv[:, :, :, L - matched:].zero_()
             seg = seg or self.storage.allocate(L - matched)
             req.own = self.cache.insert(parent, prompt[matched:], seg, pending=True, private=not use_cache)
             req.node = req.own
         else:  # the whole prompt is cached
             req.node = parent
-            req.tail = wants_tail and self._room_after(parent, req.params.max_tokens)
+            req.tail = wants_tail and self._room_after(parent, room)
             if parent.logits is not None:
                 req.first_logits = parent.logits
             else:
@@ -132,14 +141,23 @@ class Scheduler:
         self.running[req.request_id] = req
         return ADMITTED
 
+    def _wants_tail(self, params: SamplingParams) -> bool:
+        """Whether a request's samples should keep their K/V after its prompt: one sample, or a few with few
+        new tokens on CPU (where the masked call was measured; the pool's pass serves the rest)."""
+        n = params.num_sequences
+        if not self.tails or params.beam_width != 1 or params.max_tokens <= 1:
+            return False
+        return n == 1 or (self.storage.device.type == "cpu" and n * n * params.max_tokens <= INTERLEAVE_MAX_WORK)
+
     def _room_after(self, node: Node, tokens: int) -> bool:
-        """Give a cached prompt node a segment with room for one sample's `tokens` after its K/V (a copy of
-        them), unless another sample already follows it there or the budget lacks the room."""
+        """Give a cached prompt node a segment with room for its samples' `tokens` after its K/V (a copy of
+        them, the room zeroed), unless other samples already follow it there or the budget lacks the room."""
         p, old = len(node.tokens), node.segment
         if node.private or node.pending or old.capacity != p or p + tokens > self.storage.free_tokens:
             return False
         seg = self.storage.allocate(p + tokens)
         seg.kv[:, :, :, :p] = old.kv[:, :, :, :p]  # [layers, 2, Hkv, p, D]
+        seg.kv[:, :, :, p:].zero_()
         seg.length = p
         self.storage.free(old)
         node.segment = seg
@@ -262,17 +280,23 @@ class Scheduler:
                     continue
                 for depth, node in enumerate(req.node.path()):
                     users.setdefault(id(node), (node, depth, []))[2].extend(idx)
-                if req.tail:
-                    tail_rows.append((req.node, idx[0], self.dec_len[req.rows[0]]))
-            for node, i, t in tail_rows:  # rows whose own tokens follow their prompt in its segment
+                if req.tail:  # (batch row, sample j, own tokens so far) of each live row
+                    live = [(index[row], j, self.dec_len[row]) for j, row in enumerate(req.rows) if self.live[row]]
+                    tail_rows.append((req.node, len(req.rows), live))
+            for node, n, live in tail_rows:  # rows whose own tokens follow their prompt in its segment
                 p = len(node.tokens)
-                tails[i] = (node.segment, p + t)
+                for i, j, t in live:
+                    tails[i] = (node.segment, p + t * n + j)  # sample j's turn of this step's slots
+                end = max(t * n + j for _, j, t in live) + 1  # own slots read, this step's included
+                owners = {i: j for i, j, _ in live}
+                mine = sorted(owners)
                 _, depth, idx = users[id(node)]
-                if idx == [i]:  # no other row reads the prompt: one pass over it and the row's tokens
+                if sorted(idx) == mine:  # no other row reads the prompt: one pass over it and the rows' tokens
                     del users[id(node)]
-                    readers.append((depth, node.segment, p + t + 1, idx))
-                else:  # the others read the prompt; this row's own tokens are a level below it
-                    readers.append((depth + 1, Segment(node.segment.kv[:, :, :, p:], t + 1), t + 1, [i]))
+                    readers.append((depth, node.segment, p + end, mine, (p, n, owners) if n > 1 else None))
+                else:  # the others read the prompt; these rows' own tokens are a level below it
+                    own = Segment(node.segment.kv[:, :, :, p:], end)
+                    readers.append((depth + 1, own, end, mine, (0, n, owners) if n > 1 else None))
             readers += [(depth, node.segment, len(node.tokens), idx) for node, depth, idx in users.values()]
         return build_decode_plan(batch, counts, write, positions, [self.live[r] for r in batch], readers,
                                  self.storage.device, tails)
@@ -298,9 +322,10 @@ class Scheduler:
             for s in req.samples:
                 t = self.dec_len[s.row]  # decoded tokens with K/V in the row (the last one drawn has none)
                 if t > 0 and self.cache.enabled and not req.node.private:
-                    if req.tail:  # they follow the prompt in its segment (extend copies what it keeps)
-                        p = len(req.node.tokens)
-                        kv = req.node.segment.kv[:, :, :, p : p + t]  # [layers, 2, Hkv, t, D]
+                    if req.tail:  # they follow the prompt in its segment, sample j at every n-th slot from
+                        # p + j (extend copies what it keeps)
+                        p, n, j = len(req.node.tokens), len(req.rows), req.rows.index(s.row)
+                        kv = req.node.segment.kv[:, :, :, p + j : p + j + n * (t - 1) + 1 : n]  # [layers, 2, Hkv, t, D]
                     else:
                         kv = self.storage.pool.extract(s.row, t)
                     self.cache.extend(req.node, s.token_ids[:t], kv)

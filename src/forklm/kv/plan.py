@@ -13,7 +13,11 @@ one per segment (4 system prompts x 8 questions: 2 calls per layer instead of 36
 A row may keep its own K/V after its prompt instead, in the prompt's segment (a `TailWrite`): a
 request of one sample whose prompt it prefilled itself gets a segment with room for its new tokens,
 so that its decode reads one level (prompt and own tokens in one kernel call, no merge) instead of
-two. Such a row reads nothing from the pool.
+two. Such a row reads nothing from the pool. A request of a few samples with few new tokens keeps
+them there too, interleaved (`Interleave`): slot p + t * n + j holds sample j's t-th token, and one
+masked kernel call reads the prompt and every sample's own tokens (what it computes for the other
+samples' slots, masked, is cheaper than a second level and its merge while n * n * max_tokens is small:
+docs/architecture.md).
 
 Prefill: chunks of prompt tokens, each attending to the cached levels above it and causally to
 itself; its K/V land in `own` at `own_offset`.
@@ -29,12 +33,24 @@ from torch import Tensor
 from .storage import Segment
 
 
+@dataclass(frozen=True)
+class Interleave:
+    """A segment whose keys from `start` on are its rows' own, in turn: key start + t * stride + owners[r]
+    is the t-th own token of the pass's r-th row (its sample's index in the request); the keys before
+    `start` (the prompt) are every row's."""
+
+    start: int
+    stride: int
+    owners: tuple[int, ...]  # per row of the pass, in batch order
+
+
 @dataclass
 class LevelPass:
     segment: Segment
     length: int  # valid tokens of the segment
     rows: slice | Tensor  # batch rows attending to it: a slice, or an int64 index [R]
     num_rows: int
+    interleave: Interleave | None = None  # rows reading only their own keys after `start` (in a group alone)
 
 
 @dataclass
@@ -47,14 +63,17 @@ class LevelGroup:
     width: int  # the longest of them
     query_index: Tensor | None  # [P, M] int64: batch row of each (pass, slot); B (a zero row) pads
     out_index: Tensor | None  # [U] int64: where each of `rows` lands in the flat [P * M] output
+    depth: int = 0  # of its passes in the tree: at depth 0 with no pool pass, a row's first part
 
     @classmethod
-    def of(cls, passes: list[LevelPass], batch: int, device) -> "LevelGroup":
+    def of(cls, passes: list[LevelPass], batch: int, device, depth: int = 0) -> "LevelGroup":
         """The group of `passes` for a batch of `batch` rows (row `batch` is the padding query)."""
         lengths = torch.tensor([lp.length for lp in passes], dtype=torch.long, device=device)  # [P]
         width = max(lp.length for lp in passes)
         if len(passes) == 1:  # one segment, read in place: no padding, no indices
-            return cls(passes, passes[0].rows, lengths, width, None, None)
+            return cls(passes, passes[0].rows, lengths, width, None, None, depth)
+        if any(lp.interleave is not None for lp in passes):
+            raise ValueError("an interleaved pass is a group of its own")
         idx = [_as_list(lp.rows) for lp in passes]
         m = max(map(len, idx))
         query = [i + [batch] * (m - len(i)) for i in idx]
@@ -62,7 +81,7 @@ class LevelGroup:
         t = lambda x: torch.tensor(x, dtype=torch.long, device=device)  # noqa: E731
         flat = [r for i in idx for r in i]
         rows = slice(flat[0], flat[-1] + 1) if flat == list(range(flat[0], flat[-1] + 1)) else t(flat)
-        return cls(passes, rows, lengths, width, t(query), t(out))
+        return cls(passes, rows, lengths, width, t(query), t(out), depth)
 
 
 def _as_list(rows: slice | Tensor) -> list[int]:
@@ -71,7 +90,8 @@ def _as_list(rows: slice | Tensor) -> list[int]:
 
 @dataclass(frozen=True)
 class TailWrite:
-    """A batch row whose K/V follow its prompt in the prompt's segment: this step's token goes to `slot`."""
+    """A batch row whose K/V follow its prompt in the prompt's segment: this step's token goes to `slot`
+    (the row's own slots after the prompt, or its turn of them when a request's samples interleave)."""
 
     token: int  # the query token (one per such row)
     segment: Segment
@@ -112,7 +132,7 @@ class DecodePlan:
         segment first when no row reads the pool. The merges then take the guarded path."""
         if self.pool_pass:
             return bool(self.tails)
-        return not self.groups or bool((self.groups[0].lengths == 0).any())
+        return not self.groups or any(bool((g.lengths == 0).any()) for g in self.groups if g.depth == 0)
 
     @property
     def num_rows(self) -> int:
@@ -129,10 +149,11 @@ def build_decode_plan(batch: list[int], counts: list[int], write: list[int], pos
     """The decode plan of pool rows `batch` (ascending). Batch row i feeds counts[i] tokens, the first
     at slot write[i] of its pool row and position positions[i]; live[i] is False for an idle row of a
     dense batch (it computes, nothing reads it). readers: (depth, segment, valid length, batch rows
-    reading it) for every shared segment above the rows. tails: batch row -> (its prompt's segment,
-    the slot of this step's token there) for rows that keep their K/V after their prompt (one token
-    each); their own segment is among the readers, with the token counted in its length, and every
-    such row reads a segment at depth 0."""
+    reading it) for every shared segment above the rows, and a fifth item (start, stride, {batch row:
+    owner}) for a segment whose keys from `start` on interleave its rows' own (`Interleave`). tails:
+    batch row -> (its prompt's segment, the slot of this step's token there) for rows that keep their
+    K/V after their prompt (one token each); their own segment is among the readers, with the token
+    counted in its length, and every such row reads a segment at depth 0."""
     tails = tails or {}
     if tails and max(counts) > 1:
         raise ValueError("a row keeping its K/V in its prompt's segment feeds one token per step")
@@ -156,19 +177,24 @@ def build_decode_plan(batch: list[int], counts: list[int], write: list[int], pos
             grid_len[r] = [w + j + 1 for j in range(c)] + [max(w, 0) + 1] * (Q - c)
         query_len = t(grid_len)  # [R, Q]
         grid = t([r * Q + j for r, c in zip(batch, counts) for j in range(c)])  # [N]
-    by_depth: dict[int, list[LevelPass]] = {}
+    by_depth: dict[tuple[int, int], list[LevelPass]] = {}  # (depth, 0), or (depth, i) for interleaved pass i
     levels = []
-    for depth, segment, length, idx in readers:
+    for ri, (depth, segment, length, idx, *extra) in enumerate(readers):
         toks = [k for i in sorted(idx) for k in range(start[i], start[i] + counts[i])]
         sel = slice(toks[0], toks[-1] + 1) if toks[-1] - toks[0] + 1 == len(toks) else t(toks)
-        levels.append(LevelPass(segment, length, sel, len(toks)))
-        by_depth.setdefault(depth, []).append(levels[-1])
-    groups = [LevelGroup.of(passes, len(tok_rows), device) for _, passes in sorted(by_depth.items())]
+        il = None
+        if extra and extra[0] is not None:
+            first, stride, owners = extra[0]
+            il = Interleave(first, stride, tuple(owners[i] for i in sorted(idx)))
+        levels.append(LevelPass(segment, length, sel, len(toks), il))
+        by_depth.setdefault((depth, 0 if il is None else ri + 1), []).append(levels[-1])
+    groups = [LevelGroup.of(passes, len(tok_rows), device, key[0]) for key, passes in sorted(by_depth.items())]
     dense = Q == 1 and batch == list(range(R))
     tail_writes = [TailWrite(i, seg, slot) for i, (seg, slot) in sorted(tails.items())]
     pool_tokens = t([i for i in range(len(batch)) if i not in tails]) if tails else None
-    if tails and window == 0:  # no pool pass: the depth-0 level is every row's first part
-        assert groups and sum(lp.num_rows for lp in groups[0].passes) == len(tok_rows), "a tail row reads no depth-0 level"
+    if tails and window == 0:  # no pool pass: the depth-0 levels are every row's first part
+        first = sum(lp.num_rows for g in groups if g.depth == 0 for lp in g.passes)
+        assert groups and first == len(tok_rows), "a tail row reads no depth-0 level"
     write_slot = write[0] if dense and not tails and len(set(write)) == 1 else None
     return DecodePlan(t(tok_rows), t(tok_pos), t(tok_write), t(pool_len), window, dense, levels, groups,
                       query_len, grid, list(counts), list(batch), tail_writes, pool_tokens, write_slot)
