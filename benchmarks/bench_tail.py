@@ -55,8 +55,8 @@ def main() -> None:
         """ms: the median decode step of one fresh request (its prefill and first decode step untimed)."""
         rid = f"r{counter[0]}"
         engine.add_request(rid, fresh(length), params(n, args.steps + 8))
-        assert engine.scheduler.running[rid].tail == engine.scheduler.tails, "not kept after the prompt"
         engine.step()
+        assert engine.scheduler.running[rid].tail == engine.scheduler.tails, "not kept after the prompt"
         engine.step()
         times = []
         for _ in range(args.steps):
