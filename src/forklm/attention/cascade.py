@@ -139,10 +139,10 @@ class DecodeAttention:
         r, h, _, d = q.shape
         hkv = k.shape[1]
         g = h // hkv
-        mask = self._mask(0, group.lengths, group.width, q)
+        # a mask per sample when several interleave; one sample reads every valid key
+        mask = None if group.passes[0].interleave is None else self._mask(0, group.lengths, group.width, q)
         if r == 1:
-            out = attention(q.reshape(1, hkv, g, d), ks[layer], vs[layer], d**-0.5,
-                            mask if group.passes[0].interleave is not None else None)  # [1, Hkv, G, D]
+            out = attention(q.reshape(1, hkv, g, d), ks[layer], vs[layer], d**-0.5, mask)  # [1, Hkv, G, D]
             return out.reshape(1, h, 1, d)  # [1, H, 1, D]
         qs = q.reshape(r, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, r * g, d)  # [1, Hkv, R*G, D]
         out = attention(qs, ks[layer], vs[layer], d**-0.5, mask)  # [1, Hkv, R*G, D]
