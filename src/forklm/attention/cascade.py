@@ -91,7 +91,7 @@ class DecodeAttention:
         if key not in self._masks:
             group = self.plan.groups[key] if isinstance(key, int) else None
             il = None if group is None else group.passes[0].interleave
-            if il is not None and il.stride > 1:  # rows read their own keys only: a mask per query row
+            if il is not None:  # rows read their own keys only: a mask per query row
                 owners = torch.tensor(il.owners, device=q.device)  # [R]
                 g = q.shape[1] // self.pool.k[0].shape[1]
                 self._masks[key] = interleaved_key_mask(length, il.start, il.stride, owners, g, q.dtype)
@@ -139,13 +139,13 @@ class DecodeAttention:
         r, h, _, d = q.shape
         hkv = k.shape[1]
         g = h // hkv
-        # a mask per sample when several interleave; one sample reads every valid key
-        mask = None if group.passes[0].interleave is None else self._mask(0, group.lengths, group.width, q)
-        if r == 1:
-            out = attention(q.reshape(1, hkv, g, d), ks[layer], vs[layer], d**-0.5, mask)  # [1, Hkv, G, D]
+        if group.passes[0].interleave is None:  # one sample: every valid key, no mask or LSE
+            out = attention(q.reshape(1, hkv, g, d), ks[layer], vs[layer], d**-0.5)  # [1, Hkv, G, D]
             return out.reshape(1, h, 1, d)  # [1, H, 1, D]
+        # several samples taking turns: a mask per sample (its LSE unused)
         qs = q.reshape(r, hkv, g, d).permute(1, 0, 2, 3).reshape(1, hkv, r * g, d)  # [1, Hkv, R*G, D]
-        out = attention(qs, ks[layer], vs[layer], d**-0.5, mask)  # [1, Hkv, R*G, D]
+        mask = self._mask(0, group.lengths, group.width, q)
+        out = attention_with_lse(qs, ks[layer], vs[layer], group.lengths, d**-0.5, mask)[0]  # [1, Hkv, R*G, D]
         return out.reshape(hkv, r, g, d).permute(1, 0, 2, 3).reshape(r, h, 1, d)  # [R, H, 1, D]
 
     def _segment(self, i: int, group: LevelGroup) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:

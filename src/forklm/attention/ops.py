@@ -268,12 +268,9 @@ def attention_with_lse(
         return attention_with_lse_reference(q, k, v, valid_len, scale)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: KeyMask | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """Non-causal attention of M query rows per kv head to every key, without the LSE (a row's only
-    level: nothing to merge). q: [B, Hkv, M, D]; k, v: [B, Hkv, L, D], L > 0 -> [B, Hkv, M, D].
-    mask: an `interleaved_key_mask` (keys per query row, each row with a key), or None: every key."""
-    if mask is not None and mask.additive is not None:
-        return attention_with_lse(q, k, v, torch.full((q.shape[0],), k.shape[-2], device=q.device), scale, mask)[0]
+    level: nothing to merge). q: [B, Hkv, M, D]; k, v: [B, Hkv, L, D], L > 0 -> [B, Hkv, M, D]."""
     if q.device.type == "cpu" and _HAS_CPU_FLASH and not torch.compiler.is_compiling():
         # the kernel F.scaled_dot_product_attention picks here, called directly: the dispatcher's choice
         # cost about as much as the kernel at one decode row (docs/architecture.md)
