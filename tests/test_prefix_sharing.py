@@ -151,7 +151,8 @@ def test_no_leak_after_1000_requests_with_random_prefixes(hf_models):
     assert done >= 1000 - 8
     cache, storage = engine.prefix_cache, engine.storage
     assert cache.total_refs() == 0 and storage.rows_in_use == 0
-    assert storage.segment_tokens == cache.cached_tokens()  # every segment is a cached node, nothing else
+    # every segment is a cached node (with the room its last samples left after it), nothing else
+    assert storage.segment_tokens == cache.cached_tokens() + cache.room_tokens()
     assert cache.hit_tokens > 0
     cache.clear()
     assert storage.segment_tokens == 0 and not cache.nodes()
@@ -193,7 +194,7 @@ def _run(engine, requests, before=None):
 def test_one_sample_keeps_its_kv_after_its_prompt(hf_models):
     """n=1 on a prompt it prefills: the prompt's segment has room for the sample's tokens and decode reads
     one level (no pool pass). Same tokens and log probs as the same request with its K/V in the pool; at
-    the end the segment is cut back to the prompt and the sample is cached as a continuation."""
+    the end the sample is cached as a continuation and the room stays with the prompt."""
     folder = str(hf_models["llama_gqa"][1])
     llm = LLM(folder)
     p = SamplingParams(max_tokens=9, temperature=1.0, seed=11, logprobs=0, ignore_eos=True)
@@ -210,8 +211,9 @@ def test_one_sample_keeps_its_kv_after_its_prompt(hf_models):
         [(len(PROMPTS[1]) + 2, 1)]
     L, t = len(PROMPTS[1]), 8  # the last drawn token has no K/V
     nodes = engine.prefix_cache.nodes()
-    assert sorted(n.segment.capacity for n in nodes) == [t, L]  # the prompt, cut back; the sample after it
-    assert engine.storage.segment_tokens == L + t
+    # the prompt with its room (max_tokens slots), and the sample after it
+    assert sorted((len(n.tokens), n.segment.capacity) for n in nodes) == [(t, t), (L, L + 9)]
+    assert engine.storage.segment_tokens == L + 9 + t and engine.prefix_cache.room_tokens() == 9
     again = [50, 51]
     follow = PROMPTS[1] + out.token_ids[:5] + again  # a later turn: prompt + sample + new text, cached up to it
     cont = _run(engine, [("b", follow, p)])
@@ -220,9 +222,9 @@ def test_one_sample_keeps_its_kv_after_its_prompt(hf_models):
 
 def test_a_repeated_prompt_keeps_the_sample_after_its_cached_prompt(hf_models):
     """n=1 on a prompt already cached (its logits kept, or not: then the last position is recomputed): the
-    node's K/V are copied into a segment with room after them, and decode reads one level. Two n=1
-    requests on it at once: the first follows the prompt there, the second decodes from the pool. Tokens
-    as computed cold; afterwards every segment is cut back to its tokens."""
+    room the first request left after the node's K/V is used again, with no copy, and decode reads one
+    level. Two n=1 requests on it at once: the first follows the prompt there, the second decodes from the
+    pool. Tokens as computed cold; afterwards only the prompt's node keeps room, the same segment."""
     folder = str(hf_models["llama_gqa"][1])
     llm = LLM(folder)
     p = SamplingParams(max_tokens=7, temperature=1.0, seed=3, ignore_eos=True)
@@ -230,6 +232,9 @@ def test_a_repeated_prompt_keeps_the_sample_after_its_cached_prompt(hf_models):
     want_p, want_q = cold(folder, [PROMPTS[4]], p)[0][0], cold(folder, [PROMPTS[4]], q)[0][0]
     engine = llm.make_engine(CacheShape(4, 4, 1, 64, 7))
     assert _run(engine, [("a", PROMPTS[4], p)])["a"].token_ids == want_p
+    L = len(PROMPTS[4])
+    segment = engine.prefix_cache.match(PROMPTS[4]).node.segment
+    assert segment.capacity == L + 7  # the room stays with the prompt
     for recompute in (False, True):
         if recompute:  # the prompt's node without its logits: its last position is computed again
             engine.prefix_cache.match(PROMPTS[4]).node.logits = None
@@ -244,9 +249,9 @@ def test_a_repeated_prompt_keeps_the_sample_after_its_cached_prompt(hf_models):
         assert seen == [{"b": True, "c": False}]
         assert plans[0].pool_pass and len(plans[0].tails) == 1
         node = engine.prefix_cache.match(PROMPTS[4]).node
-        assert node.segment.capacity == len(node.tokens) == len(PROMPTS[4])
-        assert all(n.segment.capacity == len(n.tokens) for n in engine.prefix_cache.nodes())
-        assert engine.prefix_cache.total_refs() == 0
+        assert node.segment is segment and len(node.tokens) == L  # no new segment, no copy of the prompt
+        assert all(n.segment.capacity == len(n.tokens) for n in engine.prefix_cache.nodes() if n is not node)
+        assert engine.prefix_cache.room_tokens() == 7 and engine.prefix_cache.total_refs() == 0
     plans = []
     out = _run(engine, [("d", PROMPTS[4], p)], before=lambda: plans.append(engine.scheduler.schedule()[0].decode))
     assert out["d"].token_ids == want_p
@@ -256,7 +261,8 @@ def test_a_repeated_prompt_keeps_the_sample_after_its_cached_prompt(hf_models):
 
 def test_a_tail_request_survives_a_split_of_its_prompt_and_an_abort(hf_models):
     """A second prompt sharing the start of a decoding n=1 request's prompt splits that node mid-decode: its
-    tokens are unchanged. An aborted one leaves only its prompt's K/V behind, and the cache still serves."""
+    tokens are unchanged. An aborted one leaves its prompt's K/V and the room after them, which the next
+    request on that prompt fills again."""
     folder = str(hf_models["llama_gqa"][1])
     llm = LLM(folder)
     p = SamplingParams(max_tokens=8, temperature=1.0, seed=2, ignore_eos=True)
@@ -271,8 +277,10 @@ def test_a_tail_request_survives_a_split_of_its_prompt_and_an_abort(hf_models):
     engine.step()
     assert engine.scheduler.running["c"].tail
     engine.abort("c")
-    assert engine.storage.segment_tokens == len(PROMPTS[4]) and engine.prefix_cache.total_refs() == 0
-    assert _run(engine, [("d", PROMPTS[4], p)])["d"].token_ids == cold(folder, [PROMPTS[4]], p)[0][0]
+    assert engine.storage.segment_tokens == len(PROMPTS[4]) + 8 and engine.prefix_cache.total_refs() == 0
+    seen = []
+    out = _run(engine, [("d", PROMPTS[4], p)], before=lambda: seen.append(engine.scheduler.running["d"].tail))
+    assert seen == [True] and out["d"].token_ids == cold(folder, [PROMPTS[4]], p)[0][0]
 
 
 def test_no_room_after_the_prompt_decodes_from_the_pool(hf_models):
@@ -288,13 +296,40 @@ def test_no_room_after_the_prompt_decodes_from_the_pool(hf_models):
     assert seen == [False] and out["a"].token_ids == cold(folder, [PROMPTS[1]], p)[0][0]
 
 
+def test_idle_room_after_a_prompt_is_given_back_before_anything_is_evicted(hf_models):
+    """The room a finished sample left after its prompt counts against the budget; a prompt that needs
+    that space gets it by cutting the room back, and every cached token stays cached."""
+    folder = str(hf_models["llama_gqa"][1])
+    llm = LLM(folder)
+    per_token = bytes_per_token(llm.config, llm.dtype)
+    p = SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)
+    other = [200 + i % 10 for i in range(20)]  # starts unlike PROMPTS[1]
+    L = len(PROMPTS[1])
+    segments = L + 6 + 5 + len(other) - 4  # the prompt, its room, the sample; then `other` lacks 4 slots
+    small = LLM(folder, kv_cache_memory=(6 * per_token + segments * per_token) / 2**30)
+    engine = small.make_engine(CacheShape(1, 1, 1, L + 5, 6), resident_prompts=1)
+    assert engine.storage.budget_tokens == segments
+    first = _run(engine, [("a", PROMPTS[1], p)])["a"]
+    cache = engine.prefix_cache
+    assert cache.cached_tokens() == L + 5 and cache.room_tokens() == 6 and engine.storage.free_tokens == 20 - 4
+    one = SamplingParams(max_tokens=1, temperature=1.0, seed=5, ignore_eos=True)
+    out = _run(engine, [("b", other, one)])["b"]
+    assert out.token_ids == cold(folder, [other], one)[0][0]
+    assert cache.evictions == 0 and cache.room_tokens() == 0  # the room went, nothing cached did
+    assert cache.cached_tokens() == L + 5 + len(other)
+    assert engine.storage.segment_tokens == cache.cached_tokens()
+    again = _run(engine, [("c", PROMPTS[1] + first.token_ids[:5], one)])["c"]  # prompt and sample still cached
+    assert engine.prefix_cache.hit_tokens >= L + 5 and again.token_ids == \
+        cold(folder, [PROMPTS[1] + first.token_ids[:5]], one)[0][0]
+
+
 @pytest.mark.parametrize("family", ["llama_gqa", "gpt_bigcode_mqa"])
 def test_a_few_samples_keep_their_kv_interleaved_after_their_prompt(hf_models, family):
     """n=4, few new tokens: the prompt's segment has room for every sample's tokens, interleaved, and
     decode reads one level (no pool pass, one masked call). One sample stops early (its turns then stay
-    unwritten, masked). Tokens and log probs as with the samples in the pool; at the end the segment is
-    cut back to the prompt and each sample is cached as a continuation of it. Many samples, or many
-    new tokens, decode from the pool."""
+    unwritten, masked). Tokens and log probs as with the samples in the pool; at the end each sample is
+    cached as a continuation of the prompt, and the room stays with it: the same request again uses it
+    (zeroed) and draws the same tokens. Many samples, or many new tokens, decode from the pool."""
     folder = str(hf_models[family][1])
     llm = LLM(folder)
     p = SamplingParams(n=4, max_tokens=9, temperature=1.0, seed=7, logprobs=0, ignore_eos=True)
@@ -331,8 +366,16 @@ def test_a_few_samples_keep_their_kv_interleaved_after_their_prompt(hf_models, f
         if len(o.token_ids) > 1:
             m = engine.prefix_cache.match(PROMPTS[1] + o.token_ids[:-1])
             assert m.length + (m.partial[1] if m.partial else 0) == L + len(o.token_ids) - 1
-    assert all(n.segment.capacity == len(n.tokens) for n in engine.prefix_cache.nodes())
+    node = engine.prefix_cache.match(PROMPTS[1]).node
+    segment = node.segment
+    assert segment.capacity == L + 4 * 9 and engine.prefix_cache.room_tokens() == 4 * 9
     assert engine.prefix_cache.total_refs() == 0
+    engine.add_request("r", PROMPTS[1], p)
+    engine.step()
+    assert engine.scheduler.running["r"].tail and node.segment is segment  # the room used again, no copy
+    while engine.has_unfinished():
+        engine.step()
+    assert [o.token_ids for o in engine.pop_output("r").outputs] == [o.token_ids for o in out]
     one = SamplingParams(max_tokens=6, temperature=1.0, seed=3, logprobs=0, ignore_eos=True)
     for j in (1, 3):  # a later turn on sample j (its cached K/V taken from every 4th slot) as computed cold
         follow = PROMPTS[1] + out[j].token_ids[:5] + [50, 51]

@@ -11,10 +11,11 @@ finished sample's tokens are offered to the prefix cache as a continuation of it
 A request of one sequence that prefills its own prompt node gets that node's segment with room for
 its new tokens after the prompt (when the budget holds them): its row then decodes over one level
 (prompt and own tokens in one attention call, no merge) instead of the pool plus the prompt. At the
-end the tokens go to the prefix cache as a continuation, as from a pool row, and the prompt's segment
-is cut back to the prompt. A request of a few samples with few new tokens (n * n * max_tokens <=
-`INTERLEAVE_MAX_WORK`, on CPU) gets room for all of them, interleaved: sample j's t-th token at slot
-p + t * n + j, read by one call masked per sample.
+end the tokens go to the prefix cache as a continuation, as from a pool row, and the room stays with the
+prompt's node: the next such request on that prompt uses it again, with no copy of the prompt's K/V
+(the prefix cache gives idle room back before it evicts anything). A request of a few samples with few
+new tokens (n * n * max_tokens <= `INTERLEAVE_MAX_WORK`, on CPU) gets room for all of them,
+interleaved: sample j's t-th token at slot p + t * n + j, read by one call masked per sample.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class Scheduler:
         self.live = [False] * S  # the row decodes next step
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}
+        self.rooms_taken: set[Node] = set()  # prompt nodes whose room a running request's samples fill
 
     # ---- admission --------------------------------------------------------------------------------
     def _try_admit(self, req: Request, retry: bool = True) -> str:
@@ -125,11 +127,13 @@ class Scheduler:
             req.node = req.own
         else:  # the whole prompt is cached
             req.node = parent
-            req.tail = wants_tail and self._room_after(parent, room)
+            req.tail = wants_tail and self._room_after(parent, n, room)
             if parent.logits is not None:
                 req.first_logits = parent.logits
             else:
                 req.scratch = self.storage.allocate(1)
+        if req.tail:
+            self.rooms_taken.add(req.node)
         req.prefilled = matched
         req.num_cached_tokens = matched
         self.cache.hit_tokens += matched
@@ -149,18 +153,23 @@ class Scheduler:
             return False
         return n == 1 or (self.storage.device.type == "cpu" and n * n * params.max_tokens <= INTERLEAVE_MAX_WORK)
 
-    def _room_after(self, node: Node, tokens: int) -> bool:
-        """Give a cached prompt node a segment with room for its samples' `tokens` after its K/V (a copy of
-        them, the room zeroed), unless other samples already follow it there or the budget lacks the room."""
+    def _room_after(self, node: Node, n: int, tokens: int) -> bool:
+        """Room for n samples' `tokens` after a cached prompt node's K/V: the room an earlier request left
+        there, or else a new segment with the room and a copy of the K/V. No room when a running request's
+        samples follow the prompt there already, or when the budget lacks it."""
         p, old = len(node.tokens), node.segment
-        if node.private or node.pending or old.capacity != p or p + tokens > self.storage.free_tokens:
+        if node.private or node.pending or node in self.rooms_taken:
             return False
-        seg = self.storage.allocate(p + tokens)
-        seg.kv[:, :, :, :p] = old.kv[:, :, :, :p]  # [layers, 2, Hkv, p, D]
-        seg.kv[:, :, :, p:].zero_()
-        seg.length = p
-        self.storage.free(old)
-        node.segment = seg
+        if old.capacity < p + tokens:
+            if p + tokens > self.storage.free_tokens:
+                return False
+            seg = self.storage.allocate(p + tokens)
+            seg.kv[:, :, :, :p] = old.kv[:, :, :, :p]  # [layers, 2, Hkv, p, D]
+            seg.length = p
+            self.storage.free(old)
+            node.segment = seg
+        if n > 1:  # a sample's unwritten turns are read, masked: finite values, not what the room held before
+            node.segment.kv[:, :, :, p : p + tokens].zero_()
         return True
 
     @staticmethod
@@ -329,8 +338,7 @@ class Scheduler:
                     else:
                         kv = self.storage.pool.extract(s.row, t)
                     self.cache.extend(req.node, s.token_ids[:t], kv)
-        if req.tail and not req.node.private and not req.node.pending:
-            self._cut_tail(req.node)
+        self.rooms_taken.discard(req.node)  # its room stays with the node, free for the next request
         for row in req.rows:
             self.live[row], self.dec_len[row] = False, 0
         self.storage.give_rows(req.rows)
@@ -340,12 +348,3 @@ class Scheduler:
         self.cache.unlock(req.node)
         req.node = req.own = None
         req.rows = []
-
-    def _cut_tail(self, node: Node) -> None:
-        """A cached prompt node whose segment had room for a sample's tokens keeps only the prompt's K/V."""
-        p, old = len(node.tokens), node.segment
-        if old.capacity == p:
-            return
-        kv = old.kv[:, :, :, :p].clone()  # [layers, 2, Hkv, p, D]
-        self.storage.free(old)
-        node.segment = self.storage.adopt(kv)  # fits: the old segment held more

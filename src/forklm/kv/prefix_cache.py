@@ -166,12 +166,13 @@ class PrefixCache:
             self._remove(child)
 
     def evict(self, tokens: int, protect: Node | None = None) -> int:
-        """Evict unpinned leaves, least recently used first, until `tokens` are freed; returns how
-        many were. Never touches a node with ref > 0, a pending node, or `protect` and its path."""
-        freed = 0
+        """Free `tokens` of the budget: first the idle room after unpinned nodes' K/V, then unpinned leaves,
+        least recently used first; returns how many were freed. Never touches a node with ref > 0, a
+        pending node, or `protect` and its path."""
         if tokens <= 0:
             return 0
         keep = set(map(id, protect.path())) if protect is not None else set()
+        freed = self._trim_rooms(tokens, keep)
         leaves = [n for n in self.nodes() if not n.children and n.ref == 0 and not n.pending and id(n) not in keep]
         leaves.sort(key=lambda n: n.last_used)
         while freed < tokens and leaves:
@@ -186,6 +187,22 @@ class PrefixCache:
                 leaves.sort(key=lambda n: n.last_used)
         return freed
 
+    def _trim_rooms(self, tokens: int, keep: set[int]) -> int:
+        """Cut unpinned nodes' segments back to their tokens (the room a finished request's samples left
+        after a prompt), least recently used first, until `tokens` are freed; returns how many were."""
+        freed = 0
+        roomy = [n for n in self.nodes() if n.ref == 0 and not n.pending and id(n) not in keep
+                 and n.segment.capacity > len(n.tokens)]
+        for node in sorted(roomy, key=lambda n: n.last_used):
+            if freed >= tokens:
+                break
+            old, t = node.segment, len(node.tokens)
+            freed += old.capacity - t
+            kv = old.kv[:, :, :, :t].clone()  # [layers, 2, Hkv, t, D]
+            self.storage.free(old)
+            node.segment = self.storage.adopt(kv)  # fits: the old segment held more
+        return freed
+
     # ---- accounting -------------------------------------------------------------------------------
     def nodes(self) -> list[Node]:
         out, todo = [], list(self.root.children.values())
@@ -197,6 +214,10 @@ class PrefixCache:
 
     def cached_tokens(self) -> int:
         return sum(len(n.tokens) for n in self.nodes())
+
+    def room_tokens(self) -> int:
+        """Slots allocated after cached nodes' tokens (room for samples after a prompt), in use or idle."""
+        return sum(n.segment.capacity - len(n.tokens) for n in self.nodes())
 
     def total_refs(self) -> int:
         return sum(n.ref for n in self.nodes())
@@ -212,7 +233,7 @@ class PrefixCache:
 
     def clear(self) -> None:
         """Drop every unpinned node (the weights changed, or the engine is being resized)."""
-        self.evict(self.cached_tokens() + 1)
+        self.evict(self.cached_tokens() + self.room_tokens() + 1)
 
 
 def store_logits(node: Node, logits: Tensor) -> None:
