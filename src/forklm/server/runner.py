@@ -149,7 +149,8 @@ class EngineRunner:
                       lambda: engine.prefix_cache.hit_tokens)
         metrics.gauge("forklm_prefix_cache_evictions_total", "Cached prefixes evicted (LRU, unpinned only).",
                       lambda: engine.prefix_cache.evictions)
-        metrics.gauge("forklm_prefix_cache_tokens", "Tokens held by the prefix cache (in use or not).",
+        metrics.gauge("forklm_prefix_cache_tokens", "Token slots the prefix cache's segments hold (in use or not; with "
+                      "the room kept after prompts for their samples).",
                       lambda: self.cached_tokens)
         metrics.gauge("forklm_kv_cache_usage", "Fraction of the KV budget in use (sample rows + segments).",
                       lambda: self.kv_usage)
