@@ -9,7 +9,7 @@ from torch import nn
 from forklm.cpu_linear import (LowPrecisionLinear, PackedLinear, describe_kernels, fp16_weights_available, kernel_bounds,
                                held_values, int4_available, int4_grid_bound, int8_available, int8_error_bound,
                                kernels_available, on_int4_grid, pack_int4, pack_int8, pack_linears, packing_available,
-                               use_low_precision_linears)
+                               use_low_precision_linears, PAD_ROWS, SHARES_WEIGHTS)
 from forklm.quant import quantize_values
 from forklm.attention.cascade import CausalAttention
 from forklm.checkpoint import load_checkpoint
@@ -126,8 +126,10 @@ def int8_bound(x, w):
 
 DENSE, FP16_DENSE, FP16 = ((256, "dense"),), ((4, "fp16"), (256, "dense")), ((8, "fp16"),)
 INT8_FP16_DENSE = ((1, "int8"), (8, "fp16"), (256, "dense"))
-KERNEL_MENUS = [(torch.float32, k) for k in (DENSE, FP16_DENSE, FP16)] + [
-    (torch.bfloat16, k) for k in (DENSE, FP16_DENSE, FP16, INT8_FP16_DENSE, ((2, "int8"),))]
+PAD_DENSE, FP16_PAD_DENSE = ((2, "dense_pad"), (256, "dense")), ((1, "fp16"), (3, "dense_pad"), (256, "dense"))
+KERNEL_MENUS = [(torch.float32, k) for k in (DENSE, FP16_DENSE, FP16, PAD_DENSE, FP16_PAD_DENSE)] + [
+    (torch.bfloat16, k) for k in (DENSE, FP16_DENSE, FP16, INT8_FP16_DENSE, ((2, "int8"),), PAD_DENSE,
+                                  FP16_PAD_DENSE, ((256, "dense_pad"),))]
 
 
 def summation_slack(dtype, x, w, ref):
@@ -154,7 +156,7 @@ def test_low_precision_linear_runs_each_row_counts_kernel_within_its_bound(dtype
     n_rows = x.numel() // in_f
     kernel = low.kernel_for(n_rows)
     assert kernel == next((k for r, k in kernels if n_rows <= r), kernels[-1][1])
-    w, kept = lin.weight.float(), {k for _, k in kernels}
+    w, kept = lin.weight.float(), {SHARES_WEIGHTS.get(k, k) for _, k in kernels}  # the weights it holds
     b = None if lin.bias is None else lin.bias.float()
     held = held_values(lin.weight, kept)
     with torch.inference_mode():
@@ -171,7 +173,8 @@ def test_low_precision_linear_runs_each_row_counts_kernel_within_its_bound(dtype
 
 @needs_fp16
 @needs_int8
-@pytest.mark.parametrize("dtype,kernels", [(torch.float32, FP16_DENSE), (torch.bfloat16, INT8_FP16_DENSE)], ids=str)
+@pytest.mark.parametrize("dtype,kernels", [(torch.float32, FP16_DENSE), (torch.bfloat16, INT8_FP16_DENSE),
+                                           (torch.float32, PAD_DENSE), (torch.bfloat16, PAD_DENSE)], ids=str)
 def test_a_rows_result_does_not_depend_on_the_kernel_its_row_count_picks(dtype, kernels):
     """The same row alone (the smallest kernel) and inside 64 rows (dense): equal up to summation order,
     because every kernel holds the same values."""
@@ -183,7 +186,7 @@ def test_a_rows_result_does_not_depend_on_the_kernel_its_row_count_picks(dtype, 
         alone = torch.cat([low(x[i:i + 1]) for i in range(64)])  # [64, out]: rows of one
         together = low(x)  # [64, out]
     assert low.kernel_for(1) != low.kernel_for(64)
-    held = held_values(lin.weight, {k for _, k in kernels})
+    held = held_values(lin.weight, {SHARES_WEIGHTS.get(k, k) for _, k in kernels})
     ref = nn.functional.linear(x.float(), held, lin.bias.float())
     assert ((alone.float() - together.float()).abs() <= summation_slack(dtype, x, held, ref)).all()
 
@@ -236,10 +239,11 @@ def test_int8_kernel_is_the_dequantized_weights_product():
 def test_low_precision_linear_compiles_to_the_same_kernels(dtype):
     torch.manual_seed(0)
     lin = nn.Linear(64, 48).to(dtype)
-    kernels = ((1, "int8"), (4, "fp16"), (256, "dense")) if dtype == torch.bfloat16 else ((4, "fp16"), (256, "dense"))
+    kernels = (((1, "int8"), (2, "dense_pad"), (4, "fp16"), (256, "dense")) if dtype == torch.bfloat16
+               else ((1, "dense_pad"), (4, "fp16"), (256, "dense")))
     low = LowPrecisionLinear(lin, kernels)
     fn = torch.compile(lambda x: torch.relu(low(x)), fullgraph=True, dynamic=False)
-    for rows in (1, 2, 9):
+    for rows in (1, 2, 3, 9):
         x = torch.randn(rows, 64).to(dtype)
         with torch.inference_mode():
             ours, ref = fn(x), torch.relu(low(x))
@@ -264,10 +268,33 @@ def test_use_low_precision_linears_swaps_the_named_ones_and_repacks():
     assert use_low_precision_linears(big, {"0"}, ((4, "fp16"),)) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1,), (2,), (3,), (1, 2), (2, 1, 1), (4,), (9,)])
+def test_dense_pad_runs_a_few_rows_as_the_dense_kernel_runs_them_among_zero_rows(dtype, shape):
+    """"dense_pad" holds the dense weights only (no copy of its own) and gives a call of fewer than PAD_ROWS
+    rows exactly what the dense kernel gives those rows followed by zero rows; larger calls are dense's own."""
+    torch.manual_seed(len(shape) + shape[0])
+    lin = nn.Linear(96, 300).to(dtype)
+    pad, dense = LowPrecisionLinear(lin, ((256, "dense_pad"),)), LowPrecisionLinear(lin, DENSE)
+    assert pad.weight_fp16 is None and pad.weight_int8 is None and pad.weight_int4 is None
+    assert pad.weight is not None and pad.bias is not None
+    x = torch.randn(*shape, 96).to(dtype)
+    rows = x.reshape(-1, 96)
+    r = rows.shape[0]
+    with torch.inference_mode():
+        ours = pad(x)
+        ref = dense(torch.cat([rows, rows.new_zeros(max(0, PAD_ROWS - r), 96)]))[:r]  # [r, out]
+    assert ours.shape == (*shape, 300) and ours.dtype == dtype
+    assert torch.equal(ours.reshape(r, 300), ref)
+    if r >= PAD_ROWS:
+        assert torch.equal(ours, dense(x))
+
+
 def test_describe_kernels_reads_as_a_sentence():
     assert describe_kernels(((256, "dense"),)) == "dense at every row count"
     assert (describe_kernels(((1, "int8"), (8, "fp16"), (256, "dense")))
             == "int8 weights up to 1 rows, float16 weights up to 8, dense above")
+    assert describe_kernels(((2, "dense_pad"), (256, "dense"))) == f"dense on {PAD_ROWS} rows up to 2 rows, dense above"
 
 
 # ---- int4: weights on a 4-bit grid (a GGUF file's Q4_1 blocks, quantization="int4") ----------------------
@@ -303,7 +330,8 @@ def test_q4_1_weights_are_found_on_their_grid_and_others_are_not(dtype):
     q8 = quantize_values(torch.randn(48, 96), "int8").to(dtype)
     assert not on_int4_grid(q8) and not on_int4_grid(torch.randn(48, 96).to(dtype))
     assert not on_int4_grid(quantize_values(torch.randn(40, 96), "int4"))  # out_features not a multiple of 16
-    assert kernels_available(torch.bfloat16, int4_grid=True) == ("int4", "dense")
+    assert kernels_available(torch.bfloat16, int4_grid=True) == (("int4", "dense", "dense_pad") if packing_available()
+                                                                else ("int4", "dense"))
     assert "int4" not in kernels_available(torch.bfloat16) + kernels_available(torch.float32, int4_grid=True)
 
 

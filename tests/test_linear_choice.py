@@ -13,7 +13,7 @@ from torch import nn
 from forklm.cpu_linear import LowPrecisionLinear, PackedLinear, fp16_weights_available, kernels_available
 import forklm.linear_choice as linear_choice
 from forklm.host import OthersMeter
-from forklm.linear_choice import MARGIN, PROBE_ROWS, choose_kernels, kernels_from, prepare_cpu_linears
+from forklm.linear_choice import MARGIN, PROBE_ROWS, SHARED_MARGIN, choose_kernels, kernels_from, prepare_cpu_linears
 
 pytestmark = pytest.mark.skipif(not fp16_weights_available(), reason="this torch build has no fbgemm float16 GEMM")
 
@@ -82,6 +82,26 @@ def test_each_row_count_takes_its_fastest_kernel_and_neighbours_merge():
     # a kernel ahead again after losing: its own entry (every row count gets its fastest)
     assert kernels_from({"fp16": [1, 3, 1, 3, 3, 3, 3, 3], "dense": [2] * N}) == (
         (1, "fp16"), (2, "dense"), (4, "fp16"), (PROBE_ROWS[-1], "dense"))
+
+
+def test_dense_pad_replaces_dense_where_faster_and_holds_no_copy_of_its_own():
+    """dense_pad runs dense's weights: it replaces dense wherever it is SHARED_MARGIN faster and is never
+    dropped for its memory; a kernel with weights of its own must be MARGIN ahead of it to be kept."""
+    dense, pad = [2.0] * N, [1.5, 1.5] + [2.0] * (N - 2)
+    assert kernels_from({"dense": dense, "dense_pad": pad}) == ((2, "dense_pad"), (PROBE_ROWS[-1], "dense"))
+    near = [2 * (1 - SHARED_MARGIN / 2)] * 2 + [2.0] * (N - 2)  # within the shared margin: dense
+    assert kernels_from({"dense": dense, "dense_pad": near}) == ((PROBE_ROWS[-1], "dense"),)
+    # fp16 MARGIN ahead of dense but not of dense_pad: dropped (a copy of the weights for nothing)
+    fp16 = [1.6, 1.6] + [9.0] * (N - 2)
+    assert kernels_from({"fp16": fp16, "dense": dense}) == ((2, "fp16"), (PROBE_ROWS[-1], "dense"))
+    assert kernels_from({"fp16": fp16, "dense": dense, "dense_pad": pad}) == ((2, "dense_pad"), (PROBE_ROWS[-1], "dense"))
+    # MARGIN ahead of both: kept where it is
+    fast = [1.0, 1.0] + [9.0] * (N - 2)
+    assert kernels_from({"fp16": fast, "dense": dense, "dense_pad": pad}) == ((2, "fp16"), (PROBE_ROWS[-1], "dense"))
+    # int4 ahead at few rows, dense_pad between it and dense
+    int4 = [0.5, 9, 9, 9, 9, 9, 9, 9]
+    assert kernels_from({"int4": int4, "dense": dense, "dense_pad": pad}) == (
+        (1, "int4"), (2, "dense_pad"), (PROBE_ROWS[-1], "dense"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -181,11 +181,17 @@ def pack_fp16(weight: Tensor) -> Tensor:
 #   "fp16":  fbgemm's GEMM on float16 weights, float32 activations (bfloat16 ones converted around it);
 #   "dense": the held values in the model's dtype, prepacked for oneDNN (bfloat16 too: 1.1-1.5x
 #            `F.linear` at 1-256 rows on the AVX512-BF16 host, a scratch run); `F.linear` in bfloat16
-#            where this torch cannot pack.
-KERNELS = {torch.float32: ("fp16", "dense"), torch.bfloat16: ("int8", "fp16", "dense")}
+#            where this torch cannot pack;
+#   "dense_pad": the same packed weight, a call of fewer than PAD_ROWS rows padded with zero rows to
+#            PAD_ROWS (oneDNN's packed kernels can take longer for one or two rows than for four:
+#            benchmarks/results/linear_choice_*.md); no weights of its own.
+KERNELS = {torch.float32: ("fp16", "dense", "dense_pad"), torch.bfloat16: ("int8", "fp16", "dense", "dense_pad")}
 # a weight on a 4-bit grid (`on_int4_grid`) is offered these instead: int4 holds it as it is, int8 would
 # round it again (and one linear's kernels must hold the same values, see `held_values`)
-INT4_KERNELS = {torch.bfloat16: ("int4", "dense")}
+INT4_KERNELS = {torch.bfloat16: ("int4", "dense", "dense_pad")}
+# kernels that run another kernel's weights (they hold no copy of their own)
+SHARES_WEIGHTS = {"dense_pad": "dense"}
+PAD_ROWS = 4  # "dense_pad" runs a call of fewer rows as one of this many
 PACK_BLOCK_ROWS = 4096  # int8 packing works through a weight this many rows at a time (peak memory)
 INT4_GROUP = 32  # the int4 kernel's group along the input dimension: GGUF's block size
 _INT4_OUT_MULTIPLE = 16  # the int4 packing wants out_features divisible by this
@@ -207,7 +213,7 @@ def int4_available() -> bool:
 def kernels_available(dtype: torch.dtype, int4_grid: bool = False) -> tuple[str, ...]:
     """The kernels offered for a low-precision linear of `dtype` (whose weight is on a 4-bit grid)."""
     ok = {"int4": int4_available(), "int8": int8_available(), "fp16": fp16_weights_available(),
-          "dense": dtype != torch.float32 or packing_available()}
+          "dense": dtype != torch.float32 or packing_available(), "dense_pad": packing_available()}
     menu = INT4_KERNELS.get(dtype) if int4_grid and dtype in INT4_KERNELS else KERNELS.get(dtype, ("dense",))
     return tuple(k for k in menu if ok[k])
 
@@ -354,17 +360,21 @@ class LowPrecisionLinear(nn.Module):
         self.kernels = tuple(kernels)
         bias = None if linear.bias is None else linear.bias.detach().to(self.dtype).clone()
         self.register_buffer("bias", bias, persistent=False)
-        names = {k for _, k in self.kernels}
+        names = self._held()
         # the custom ops compiled code calls (defined here, outside any trace)
         self._fp16_op = fp16_linear_op() if "fp16" in names else None
         self._dense_packed = "dense" in names and packing_available()
         self._packed_op = packed_linear_op() if self._dense_packed else None
         self.repack(linear.weight)
 
+    def _held(self) -> set[str]:
+        """The kernels whose weights this linear keeps: those it runs, or whose weights they run."""
+        return {SHARES_WEIGHTS.get(k, k) for _, k in self.kernels}
+
     def repack(self, weight: Tensor) -> None:
         """Replace the weight with `weight` [out, in] (packed again for each kernel kept)."""
         assert tuple(weight.shape) == (self.out_features, self.in_features)
-        names = {k for _, k in self.kernels}
+        names = self._held()
         q = s = dense = w = packed4 = sz4 = None
         if "int4" in names:
             packed, sz4, on_grid = [], [], True
@@ -443,6 +453,14 @@ class LowPrecisionLinear(nn.Module):
             return y if bias is None else y + bias
         if kernel == "fp16":
             return _run_fp16(x, self.weight_fp16, self.bias, self.out_features, self._fp16_op if compiling else None)
+        if kernel == "dense_pad" and x.numel() < PAD_ROWS * self.in_features:
+            rows = x.reshape(-1, self.in_features)  # [r, in]
+            r = rows.shape[0]
+            padded = nn.functional.pad(rows, (0, 0, 0, PAD_ROWS - r))  # [PAD_ROWS, in]: zero rows after
+            return self._dense(padded, compiling)[:r].view(*x.shape[:-1], self.out_features)  # [..., out]
+        return self._dense(x, compiling)
+
+    def _dense(self, x: Tensor, compiling: bool) -> Tensor:
         if not self._dense_packed:
             return nn.functional.linear(x, self.weight, self.bias)
         if compiling:
@@ -464,7 +482,8 @@ def kernel_bounds(model: nn.Module) -> list[int]:
     return sorted({rows for m in model.modules() if isinstance(m, LowPrecisionLinear) for rows, _ in m.kernels[:-1]})
 
 
-KERNEL_WORDS = {"int4": "int4 weights", "int8": "int8 weights", "fp16": "float16 weights", "dense": "dense"}
+KERNEL_WORDS = {"int4": "int4 weights", "int8": "int8 weights", "fp16": "float16 weights", "dense": "dense",
+                "dense_pad": f"dense on {PAD_ROWS} rows"}
 
 
 def describe_kernels(kernels: tuple[tuple[int, str], ...]) -> str:

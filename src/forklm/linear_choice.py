@@ -7,7 +7,9 @@ fastest at 1-8 rows and the slowest at 64 (benchmarks/results/linear_choice_avx5
 `choose_kernels` times every kernel `cpu_linear.kernels_available` offers for the model's dtype on
 the model's own weight shapes at each of `PROBE_ROWS`, and keeps, per row count, the fastest (the
 model's own "dense" kernel unless another beats it by `MARGIN`; a kernel never `MARGIN` ahead of the
-other kept ones is dropped, as each holds its own copy of the weights). The result is cached per (CPU
+other kept ones is dropped, as each holds its own copy of the weights; "dense_pad", the dense weights
+run with a few-row call padded to `cpu_linear.PAD_ROWS` rows, holds none, and replaces "dense" where it
+is `SHARED_MARGIN` faster). The result is cached per (CPU
 model, instruction set, torch, threads, dtype, shapes) in `cache_dir()` and reused by every later
 process, unless other processes kept busy more cores than the probe's threads left free (plus
 `BUSY_CORES`); delete the file to measure again."""
@@ -40,8 +42,11 @@ EVICT_BYTES = 64 << 20
 # copy of its weights (the embedded model's head: fp16 5% ahead of dense at one row held 57 MB more; a few
 # percent is also within what a probe's repeats vary by)
 MARGIN = 0.15
+# a kernel that runs the dense kernel's own weights (cpu_linear.SHARES_WEIGHTS: no copy to hold) replaces it at a
+# row count when this much faster: a margin only against the probe's repeats varying
+SHARED_MARGIN = 0.05
 BUSY_CORES = 0.3  # other processes using this many more cores than our threads left free: a probe not cached
-CACHE_VERSION = 6
+CACHE_VERSION = 7
 
 
 @dataclass(frozen=True)
@@ -118,19 +123,28 @@ def spare_cores() -> int:
 
 
 def kernels_from(ms: Mapping[str, Sequence[float]]) -> tuple[tuple[int, str], ...]:
-    """((max_rows, name), ...): at each row count of PROBE_ROWS the fastest kernel, "dense" unless
-    another is more than MARGIN faster; a kernel is kept only where it is more than MARGIN faster than
-    every other kept one at some row count (each kept kernel holds its own copy of the weights);
+    """((max_rows, name), ...): at each row count of PROBE_ROWS the fastest kernel, the dense weights'
+    ("dense", or "dense_pad" where that is SHARED_MARGIN faster) unless another is more than MARGIN faster
+    than them; a kernel with weights of its own is kept only where it is more than MARGIN faster than
+    every other kept one at some row count (each such kernel holds its own copy of the weights);
     neighbouring row counts with one kernel merged."""
-    kept = list(ms)
+    from .cpu_linear import SHARES_WEIGHTS
+
+    kept = [k for k in ms if SHARES_WEIGHTS.get(k) in (None, *ms)]  # a sharer only beside the kernel it shares
+
+    def on_dense(i: int) -> str:  # the faster way to run the dense weights at row count i
+        pad = next((k for k in kept if SHARES_WEIGHTS.get(k) == "dense"), None)
+        return pad if pad and ms[pad][i] < (1 - SHARED_MARGIN) * ms["dense"][i] else "dense"
+
     while True:
         winners = []
         for i in range(len(PROBE_ROWS)):
             best = min(kept, key=lambda k: ms[k][i])
-            if "dense" in kept and ms[best][i] > (1 - MARGIN) * ms["dense"][i]:
-                best = "dense"
+            if "dense" in kept and (best == "dense" or best in SHARES_WEIGHTS
+                                    or ms[best][i] > (1 - MARGIN) * ms[on_dense(i)][i]):
+                best = on_dense(i)
             winners.append(best)
-        needless = [k for k in kept if k != "dense" and len(kept) > 1 and not any(
+        needless = [k for k in kept if k != "dense" and k not in SHARES_WEIGHTS and len(kept) > 1 and not any(
             w == k and ms[k][i] < (1 - MARGIN) * min(ms[o][i] for o in kept if o != k)
             for i, w in enumerate(winners))]
         if not needless:
@@ -152,7 +166,7 @@ def measure(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype, names: Se
     scaled to its count, with the caches evicted before each timed pass: from memory, as in a step) in
     every kernel at every row count of PROBE_ROWS, through `LowPrecisionLinear` itself: what is timed
     is what runs."""
-    from .cpu_linear import LowPrecisionLinear
+    from .cpu_linear import PAD_ROWS, LowPrecisionLinear
 
     plan = []  # (in features, count scale, {kernel: LowPrecisionLinears running only that kernel})
     for (out, inp), count in shapes.items():
@@ -171,9 +185,11 @@ def measure(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype, names: Se
     for rows in PROBE_ROWS:
         xs = {inp: torch.randn(rows, inp).to(dtype) for inp, *_ in plan}
         best = {k: [math.inf] * len(plan) for k in names}
+        # "dense_pad" pads only calls of fewer than PAD_ROWS rows: above, it is the dense kernel itself
+        timed = [k for k in names if not (k == "dense_pad" and rows >= PAD_ROWS and "dense" in names)]
         for rep in range(reps + 1):  # the kernels alternate, so a busy moment slows all; rep 0 warms up
             for j, (inp, _, linears) in enumerate(plan):
-                for k in names:
+                for k in timed:
                     evict.sum()  # the caches now hold this buffer, not the weights
                     t0 = time.perf_counter()
                     for lin in linears[k]:
@@ -181,7 +197,7 @@ def measure(shapes: Mapping[tuple[int, int], int], dtype: torch.dtype, names: Se
                     if rep:
                         best[k][j] = min(best[k][j], time.perf_counter() - t0)
         for k in names:
-            ms[k].append(1e3 * sum(p[1] * t for p, t in zip(plan, best[k])))
+            ms[k].append(1e3 * sum(p[1] * t for p, t in zip(plan, best[k if k in timed else "dense"])))
     return LinearChoice(kernels_from(ms), {k: tuple(v) for k, v in ms.items()}, os.getloadavg()[0])
 
 
