@@ -178,6 +178,23 @@ def attention_with_lse_reference(
     return out.to(q.dtype), lse
 
 
+# The CPU flash kernel runs an odd number of bfloat16 / float16 query rows per kv head, below this many, more
+# slowly than one row more: one row 3x slower than two (L=2048: 1.36 -> 0.45 ms; L=8192: 5.7 -> 2.0 ms for 12
+# heads), three (SmolLM2's 3 query heads per kv head at n=1) slower than four at long segments; float32: no gain
+# (benchmarks/results/attention_rows_*.md; docs/architecture.md, "odd query rows").
+ODD_ROWS_BELOW = 8
+
+
+def _even_rows(q: Tensor) -> Tensor:
+    """q [B, Hkv, M, D] with a row of zeros after its last where M is odd, below ODD_ROWS_BELOW, in bf16 / fp16
+    (the caller drops the extra row of the result; a zero query attends uniformly, finite wherever the other
+    rows are): the rows do not see each other, so the others are unchanged."""
+    m = q.shape[-2]
+    if q.dtype == torch.float32 or m % 2 == 0 or m >= ODD_ROWS_BELOW:
+        return q
+    return torch.constant_pad_nd(q, (0, 0, 0, 1))  # [B, Hkv, M + 1, D] (one operator: half a cat's cost)
+
+
 def _cpu_flash_with_lse(
     q: Tensor, k: Tensor, v: Tensor, valid_len: Tensor, scale: float, prepared: KeyMask | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -186,15 +203,13 @@ def _cpu_flash_with_lse(
         prepared = key_mask(valid_len, k.shape[-2], q.dtype)  # an additive mask in q's dtype: a bool one is refused
     mask = prepared.additive  # [B, 1, 1, L], or None: every key valid
     m = q.shape[-2]
-    if m == 1 and q.dtype != torch.float32:
-        # One query row in bf16/fp16 takes a slow path of the kernel: two copies of the row run 3x
-        # faster (L=2048: 1.36 -> 0.45 ms; L=8192: 5.7 -> 2.0 ms for 12 heads; float32: no gain).
-        q = torch.cat([q, q], dim=-2)  # [B, Hkv, 2, D]
+    if mask is None or mask.shape[-2] == 1:  # (a mask per query row would need the extra row too)
+        q = _even_rows(q)  # [B, Hkv, M', D]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, attn_mask=mask, scale=scale
     )  # out [B, Hkv, M', D] q.dtype, lse [B, Hkv, M'] float32
-    if out.shape[-2] != m:  # the row was doubled above
-        out, lse = out[:, :, :m], lse[:, :, :m]
+    if out.shape[-2] != m:  # a row was added above
+        out, lse = out.narrow(-2, 0, m), lse.narrow(-1, 0, m)
     return (out, lse) if prepared.empty is None else _fix_empty_rows(out, lse, valid_len)
 
 
@@ -275,12 +290,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         # the kernel F.scaled_dot_product_attention picks here, called directly: the dispatcher's choice
         # cost about as much as the kernel at one decode row (docs/architecture.md)
         m = q.shape[-2]
-        if m == 1 and q.dtype != torch.float32:
-            # one bf16/fp16 query row takes the kernel's slow path: two copies run faster (as in
-            # _cpu_flash_with_lse)
-            q = torch.cat([q, q], dim=-2)  # [B, Hkv, 2, D]
+        q = _even_rows(q)  # [B, Hkv, M', D]: an odd row count below 8 runs slower (as in _cpu_flash_with_lse)
         out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[0]  # [B, Hkv, M', D]
-        return out if out.shape[-2] == m else out[:, :, :m]
+        return out if out.shape[-2] == m else out.narrow(-2, 0, m)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
