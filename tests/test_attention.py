@@ -141,7 +141,7 @@ def _naive_lse(q, k, v, valid_len, scale):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m", [1, 3, 6, 7])
-@pytest.mark.parametrize("length", [1, 9, 130])
+@pytest.mark.parametrize("length", [1, 9, 130, 1030])
 @pytest.mark.parametrize("path", ["flash_cpu", "matmul", "dispatch"])
 def test_attention_with_lse_paths(path, length, m, dtype):
     torch.manual_seed(31 * length + m)
@@ -197,7 +197,7 @@ def test_every_key_valid_runs_the_kernel_without_a_mask_and_gives_the_masked_res
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m", [1, 3, 5, 8])
-@pytest.mark.parametrize("length", [1, 37, 257])
+@pytest.mark.parametrize("length", [1, 37, 257, 1031])
 def test_attention_without_lse_calls_the_kernel_directly_and_matches_sdpa(length, m, dtype):
     """`attention` (one row's only level: the n=1 decode step) runs the CPU flash kernel itself, one query
     row doubled in bf16: the same result as F.scaled_dot_product_attention (the kernel it dispatches to)
@@ -215,20 +215,21 @@ def test_attention_without_lse_calls_the_kernel_directly_and_matches_sdpa(length
     assert (out.double() - naive_out).abs().max().item() <= TOL[dtype]
 
 
-def test_an_odd_row_count_below_8_in_bf16_gets_a_zero_row_and_nothing_else():
-    """What the CPU kernel is given: bf16 / fp16 rows 1, 3, 5, 7 gain a row of zeros (the kernel runs them
-    faster); even counts, 9 and above, and float32 are left as they are."""
-    from forklm.attention.ops import ODD_ROWS_BELOW, _even_rows
+def test_one_bf16_query_row_and_three_over_many_keys_get_a_zero_row_and_nothing_else():
+    """What the CPU kernel is given: one bf16 / fp16 row, and three rows over THREE_ROWS_PADDED_FROM keys or
+    more, gain a row of zeros (the kernel runs them faster); other counts and float32 are left as they are."""
+    from forklm.attention.ops import THREE_ROWS_PADDED_FROM as FROM, _even_rows
 
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for m in range(1, ODD_ROWS_BELOW + 3):
-            q = torch.randn(2, 3, m, 8).to(dtype)
-            out = _even_rows(q)
-            if dtype != torch.float32 and m % 2 and m < ODD_ROWS_BELOW:
-                assert out.shape == (2, 3, m + 1, 8) and torch.equal(out[:, :, :m], q)
-                assert not out[:, :, m].any()
-            else:
-                assert out is q
+        for keys in (1, FROM - 1, FROM, 4 * FROM):
+            for m in range(1, 10):
+                q = torch.randn(2, 3, m, 8).to(dtype)
+                out = _even_rows(q, keys)
+                if dtype != torch.float32 and (m == 1 or (m == 3 and keys >= FROM)):
+                    assert out.shape == (2, 3, m + 1, 8) and torch.equal(out[:, :, :m], q)
+                    assert not out[:, :, m].any()
+                else:
+                    assert out is q
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 0, 5, 16), (2, 3, 4, 0, 16)], ids=["no_query", "no_key"])

@@ -178,19 +178,19 @@ def attention_with_lse_reference(
     return out.to(q.dtype), lse
 
 
-# The CPU flash kernel runs an odd number of bfloat16 / float16 query rows per kv head, below this many, more
-# slowly than one row more: one row 3x slower than two (L=2048: 1.36 -> 0.45 ms; L=8192: 5.7 -> 2.0 ms for 12
-# heads), three (SmolLM2's 3 query heads per kv head at n=1) slower than four at long segments; float32: no gain
-# (benchmarks/results/attention_rows_*.md; docs/architecture.md, "odd query rows").
-ODD_ROWS_BELOW = 8
+# The CPU flash kernel runs one bfloat16 / float16 query row per kv head 2x slower than two at L=2048, and
+# three (SmolLM2's 3 query heads per kv head at n=1) 1.09x slower than four at L=2048, 1.03x at 1024, even at
+# 512, and faster at 256 than four cost; float32 and other row counts gained nothing
+# (benchmarks/results/attention_rows_*.md). So one row always, and three over this many keys, get a zero row.
+THREE_ROWS_PADDED_FROM = 1024
 
 
-def _even_rows(q: Tensor) -> Tensor:
-    """q [B, Hkv, M, D] with a row of zeros after its last where M is odd, below ODD_ROWS_BELOW, in bf16 / fp16
-    (the caller drops the extra row of the result; a zero query attends uniformly, finite wherever the other
-    rows are): the rows do not see each other, so the others are unchanged."""
+def _even_rows(q: Tensor, keys: int) -> Tensor:
+    """q [B, Hkv, M, D] with a row of zeros after its last where M is 1, or 3 with `keys` keys from
+    THREE_ROWS_PADDED_FROM, in bf16 / fp16 (the caller drops the extra row of the result; a zero query attends
+    uniformly, finite wherever the other rows are): the rows do not see each other, so the others are unchanged."""
     m = q.shape[-2]
-    if q.dtype == torch.float32 or m % 2 == 0 or m >= ODD_ROWS_BELOW:
+    if q.dtype == torch.float32 or not (m == 1 or (m == 3 and keys >= THREE_ROWS_PADDED_FROM)):
         return q
     return torch.constant_pad_nd(q, (0, 0, 0, 1))  # [B, Hkv, M + 1, D] (one operator: half a cat's cost)
 
@@ -204,7 +204,7 @@ def _cpu_flash_with_lse(
     mask = prepared.additive  # [B, 1, 1, L], or None: every key valid
     m = q.shape[-2]
     if mask is None or mask.shape[-2] == 1:  # (a mask per query row would need the extra row too)
-        q = _even_rows(q)  # [B, Hkv, M', D]
+        q = _even_rows(q, k.shape[-2])  # [B, Hkv, M', D]
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, attn_mask=mask, scale=scale
     )  # out [B, Hkv, M', D] q.dtype, lse [B, Hkv, M'] float32
@@ -290,7 +290,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         # the kernel F.scaled_dot_product_attention picks here, called directly: the dispatcher's choice
         # cost about as much as the kernel at one decode row (docs/architecture.md)
         m = q.shape[-2]
-        q = _even_rows(q)  # [B, Hkv, M', D]: an odd row count below 8 runs slower (as in _cpu_flash_with_lse)
+        q = _even_rows(q, k.shape[-2])  # [B, Hkv, M', D]: 1 row, or 3 over many keys, run slower
         out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[0]  # [B, Hkv, M', D]
         return out if out.shape[-2] == m else out.narrow(-2, 0, m)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
