@@ -178,9 +178,9 @@ def attention_with_lse_reference(
     return out.to(q.dtype), lse
 
 
-# The CPU flash kernel runs one bfloat16 / float16 query row per kv head 2x slower than two at L=2048, and
-# three (SmolLM2's 3 query heads per kv head at n=1) 1.09x slower than four at L=2048, 1.03x at 1024, even at
-# 512, and faster at 256 than four cost; float32 and other row counts gained nothing
+# The CPU flash kernel runs one bfloat16 / float16 query row per kv head 2x slower than two, and three
+# (SmolLM2's 3 query heads per kv head at n=1) 1.03-1.12x slower than four over 1024-2048 keys, as fast at 256
+# and 512; float32 and five or seven rows gained nothing
 # (benchmarks/results/attention_rows_*.md). So one row always, and three over this many keys, get a zero row.
 THREE_ROWS_PADDED_FROM = 1024
 
