@@ -65,6 +65,34 @@ def test_continuation_reuses_prompt_and_sample(hf_models, family):
     assert tokens([warm]) == cold(folder, [conversation], p)
 
 
+def test_pool_samples_are_cached_as_copies_of_their_own_and_resent_turns_equal_cold(hf_models):
+    """Samples decoded in the pool are cached at release by one copy each, not as views: the pool's slots
+    are overwritten (here with NaN) and the resent conversation still matches prompt + sample, equal to cold."""
+    import torch
+
+    folder = str(hf_models["llama_gqa"][1])
+    llm = LLM(folder)
+    engine = llm.make_engine(CacheShape(1, 4, 4, 64, 9))
+    engine.scheduler.tails = False  # the pool, not the room after the prompt
+    engine.add_request("a", PROMPTS[0], SamplingParams(n=4, max_tokens=9, temperature=1.0, seed=8, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    reply = engine.pop_output("a").outputs[2].token_ids
+    pool = engine.storage.pool.kv
+    kept = [n.segment.kv for n in engine.prefix_cache.nodes() if n.segment is not None and n.tokens != PROMPTS[0]]
+    assert kept and all(kv.is_contiguous() and kv.untyped_storage().data_ptr() != pool.untyped_storage().data_ptr()
+                        for kv in kept)
+    pool.fill_(float("nan"))
+    conversation = PROMPTS[0] + reply + [50, 51, 52]
+    p = SamplingParams(n=2, max_tokens=8, temperature=1.0, seed=3, ignore_eos=True)
+    engine.add_request("b", conversation, p)
+    while engine.has_unfinished():
+        engine.step()
+    warm = engine.pop_output("b")
+    assert warm.num_cached_tokens == len(PROMPTS[0]) + len(reply) - 1
+    assert tokens([warm]) == cold(folder, [conversation], p)
+
+
 def test_levels_are_read_once_per_step(hf_models):
     """Two questions under one system prompt, n=2 each: the decode plan reads the system prompt once
     for 4 rows and each question once for its 2 rows (3 levels above the samples). (Samples in the pool:

@@ -331,12 +331,12 @@ class Scheduler:
             for s in req.samples:
                 t = self.dec_len[s.row]  # decoded tokens with K/V in the row (the last one drawn has none)
                 if t > 0 and self.cache.enabled and not req.node.private:
-                    if req.tail:  # they follow the prompt in its segment, sample j at every n-th slot from
-                        # p + j (extend copies what it keeps)
+                    # views: extend copies only the part of them that the tree lacks
+                    if req.tail:  # they follow the prompt in its segment, sample j at every n-th slot from p + j
                         p, n, j = len(req.node.tokens), len(req.rows), req.rows.index(s.row)
                         kv = req.node.segment.kv[:, :, :, p + j : p + j + n * (t - 1) + 1 : n]  # [layers, 2, Hkv, t, D]
                     else:
-                        kv = self.storage.pool.extract(s.row, t)
+                        kv = self.storage.pool.row_kv(s.row, t)  # [layers, 2, Hkv, t, D]
                     self.cache.extend(req.node, s.token_ids[:t], kv)
         self.rooms_taken.discard(req.node)  # its room stays with the node, free for the next request
         for row in req.rows:

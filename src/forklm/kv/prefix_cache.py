@@ -116,9 +116,10 @@ class PrefixCache:
         return node
 
     def extend(self, node: Node, tokens: list[int], kv: Tensor) -> None:
-        """Cache `tokens` (with their K/V kv [layers, 2, Hkv, len, D]) as a continuation of `node`:
-        the part already in the tree is shared, the rest becomes a new leaf if the budget holds it
-        (after evicting unpinned leaves). Nothing happens for a private node or a pending path."""
+        """Cache `tokens` (with their K/V kv [layers, 2, Hkv, len, D], any strides: a view of the pool or of
+        a segment) as a continuation of `node`: the part already in the tree is shared, the rest is copied
+        into a new leaf if the budget holds it (after evicting unpinned leaves). Nothing happens for a
+        private node or a pending path."""
         if not self.enabled or node.private or not tokens:
             return
         m = self.match(tokens, start=node)
@@ -131,7 +132,7 @@ class PrefixCache:
         if not rest:
             return
         self.evict(len(rest) - self.storage.free_tokens, protect=parent)
-        segment = self.storage.adopt(kv[:, :, :, done:].clone())
+        segment = self.storage.adopt(kv[:, :, :, done:].clone(memory_format=torch.contiguous_format))  # one copy
         if segment is not None:
             self.insert(parent, rest, segment).last_used = self._tick()
 

@@ -116,9 +116,9 @@ class SamplePool:
             k[idx, :, offset : offset + L] = segment.k(layer)[:, :L].unsqueeze(0)
             v[idx, :, offset : offset + L] = segment.v(layer)[:, :L].unsqueeze(0)
 
-    def extract(self, row: int, length: int) -> Tensor:
-        """One row's first `length` tokens as a fresh kv tensor [layers, 2, Hkv, length, D]."""
-        return self.kv[:, :, row, :, :length].transpose(0, 1).contiguous()  # -> [layers, 2, Hkv, length, D]
+    def row_kv(self, row: int, length: int) -> Tensor:
+        """One row's first `length` tokens: a view [layers, 2, Hkv, length, D] of the pool (copy what you keep)."""
+        return self.kv[:, :, row, :, :length].transpose(0, 1)  # [2, layers, Hkv, length, D] -> [layers, 2, ...]
 
 
 class KVStorage:
