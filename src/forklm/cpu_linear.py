@@ -456,7 +456,7 @@ class LowPrecisionLinear(nn.Module):
         if kernel == "dense_pad" and x.numel() < PAD_ROWS * self.in_features:
             rows = x.reshape(-1, self.in_features)  # [r, in]
             r = rows.shape[0]
-            padded = nn.functional.pad(rows, (0, 0, 0, PAD_ROWS - r))  # [PAD_ROWS, in]: zero rows after
+            padded = torch.constant_pad_nd(rows, (0, 0, 0, PAD_ROWS - r))  # [PAD_ROWS, in]: zero rows after
             return self._dense(padded, compiling)[:r].view(*x.shape[:-1], self.out_features)  # [..., out]
         return self._dense(x, compiling)
 
