@@ -11,7 +11,9 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .checkpoint import PartialUpdate, apply_weight_updates, load_checkpoint, weight_updates
+from .gguf import q8_0_blocks
 from .host import auto_dtype, release_free_heap
+from .int8_embedding import Int8BlockEmbedding, use_q8_0_embedding
 from .linear_choice import prepare_cpu_linears
 from .quant import QUANTIZATIONS, quantize_linears, quantize_values, unquantizable
 from .engine import Engine, check_context
@@ -138,7 +140,7 @@ class LLM:
         ckpt = load_checkpoint(model, self._auto_dtype if dtype == "auto" else DTYPES[dtype], self.device)
         self.dtype = ckpt.dtype
         self.model, self.config, self.tokenizer = ckpt.model, ckpt.config, ckpt.tokenizer
-        self._prepare_linears(self.model, ckpt.low_precision_linears)
+        self._prepare_linears(self.model, ckpt.low_precision_linears, ckpt.source)
         self.eos_token_ids = ckpt.eos_token_ids
         self.source = ckpt.source
         self._request_counter = 0
@@ -163,7 +165,7 @@ class LLM:
         if not _same_tokenizer(draft.tokenizer, self.tokenizer, cfg.vocab_size):
             raise InvalidParameterError(field, "the draft model's tokenizer differs from the target's: drafts would "
                                         "be other tokens")
-        self._prepare_linears(draft.model, draft.low_precision_linears)
+        self._prepare_linears(draft.model, draft.low_precision_linears, draft.source)
         log.info("draft model %s: %d layers", draft.source, cfg.n_layers)
         return draft.model
 
@@ -188,10 +190,13 @@ class LLM:
         if menus:
             line += "; " + ", ".join(f"{n} low-precision linear{'s' * (n > 1)} run {d}" for d, n in menus.items())
             line += " (measured fastest on this CPU)"
+        if isinstance(self.model.tok_embeddings, Int8BlockEmbedding) and self.model.tok_embeddings.dense is None:
+            line += "; the token embedding held as its Q8_0 blocks"
         return line
 
-    def _prepare_linears(self, model, low_precision: frozenset[str]) -> None:
-        """Quantize if asked, then give every linear its kernel for this host (linear_choice.py)."""
+    def _prepare_linears(self, model, low_precision: frozenset[str], source: str) -> None:
+        """Quantize if asked, then give every linear its kernel for this host (linear_choice.py); under
+        dtype="auto" a GGUF file's Q8_0 token embedding is then held as its blocks (int8_embedding.py)."""
         if self.quantization is not None:
             bad = unquantizable(model)
             if bad:
@@ -200,6 +205,10 @@ class LLM:
             low_precision = frozenset(quantize_linears(model, self.quantization))
         if self.device.type == "cpu":
             prepare_cpu_linears(model, set(low_precision) if self._low_precision_kernels else set())
+        if self._low_precision_kernels and str(source).endswith(".gguf"):
+            blocks = q8_0_blocks(source, "token_embd.weight")
+            if blocks is not None:
+                use_q8_0_embedding(model, *blocks)
 
     # ---- engines --------------------------------------------------------------------------
     def cache_bytes(self, shape: CacheShape) -> int:

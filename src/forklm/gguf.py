@@ -526,6 +526,28 @@ def _dequantize(tensor: _TensorInfo, handle, path: Path, dtype: torch.dtype = to
     return torch.from_numpy(array.reshape(shape)).to(dtype)
 
 
+def q8_0_blocks(path: str | Path, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The file's 2-D Q8_0 tensor `name` (a GGUF name, e.g. "token_embd.weight") as its blocks: codes int8
+    [rows, columns] and scales float16 [rows, columns / 32] (value = code * scale, in float32); None when
+    the file has no such tensor or stores it otherwise."""
+    path = Path(path)
+    _, infos = _read_header(path)
+    tensor = next((t for t in infos if t.name == name), None)
+    if tensor is None or tensor.tensor_type != gguf.GGMLQuantizationType.Q8_0 or len(tensor.shape) != 2:
+        return None
+    cols, rows = tensor.shape  # GGUF order: columns first
+    per_row = cols // 32 * 34  # a block: float16 scale, 32 int8 codes
+    codes = torch.empty((rows, cols), dtype=torch.int8)
+    scales = torch.empty((rows, cols // 32), dtype=torch.float16)
+    with open(path, "rb") as handle:
+        for a in range(0, rows, DEQUANT_BLOCK_ROWS):
+            n = min(DEQUANT_BLOCK_ROWS, rows - a)
+            raw = _read(handle, tensor, a * per_row, (n, per_row), path).reshape(n, cols // 32, 34)
+            scales[a:a + n] = torch.from_numpy(raw[..., :2].copy().view(np.float16)[..., 0])
+            codes[a:a + n] = torch.from_numpy(raw[..., 2:].copy().view(np.int8).reshape(n, cols))
+    return codes, scales
+
+
 def _read(handle, tensor: _TensorInfo, start: int, raw_shape: tuple[int, ...], path: Path) -> np.ndarray:
     """The raw array of raw_shape at byte `start` of the tensor's data (a writable copy)."""
     buf = bytearray(math.prod(raw_shape) * tensor.raw_dtype.itemsize)
