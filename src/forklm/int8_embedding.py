@@ -16,6 +16,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 BLOCK = 32  # Q8_0's values per scale
+CHECK_ROWS = 1024  # rows compared at a time at load (float32 temporaries of a few MB, not of the table)
 
 
 class Int8BlockEmbedding(nn.Module):
@@ -70,8 +71,9 @@ def use_q8_0_embedding(model: nn.Module, codes: Tensor, scales: Tensor) -> bool:
     if tuple(codes.shape) != tuple(emb.weight.shape):
         return False
     new = Int8BlockEmbedding(codes, scales, emb.weight.dtype).to(emb.weight.device)
-    for a in range(0, codes.shape[0], 4096):  # compared in blocks of rows: no second copy of the table
-        if not torch.equal(new._values(new.codes[a:a + 4096], new.scales[a:a + 4096]), emb.weight[a:a + 4096]):
+    for a in range(0, codes.shape[0], CHECK_ROWS):  # compared in blocks of rows: no second copy of the table
+        b = a + CHECK_ROWS
+        if not torch.equal(new._values(new.codes[a:b], new.scales[a:b]), emb.weight[a:b]):
             log.warning("the embedding's values are not its file's Q8_0 blocks: it stays dense")
             return False
     model.tok_embeddings = new
