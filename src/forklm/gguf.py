@@ -536,13 +536,14 @@ def q8_0_blocks(path: str | Path, name: str) -> tuple[torch.Tensor, torch.Tensor
     if tensor is None or tensor.tensor_type != gguf.GGMLQuantizationType.Q8_0 or len(tensor.shape) != 2:
         return None
     cols, rows = tensor.shape  # GGUF order: columns first
-    per_row = cols // 32 * 34  # a block: float16 scale, 32 int8 codes
+    size, block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type]  # a block: float16 scale, `size` int8 codes
+    per_row = cols // size * block_bytes
     codes = torch.empty((rows, cols), dtype=torch.int8)
-    scales = torch.empty((rows, cols // 32), dtype=torch.float16)
+    scales = torch.empty((rows, cols // size), dtype=torch.float16)
     with open(path, "rb") as handle:
         for a in range(0, rows, DEQUANT_BLOCK_ROWS):
             n = min(DEQUANT_BLOCK_ROWS, rows - a)
-            raw = _read(handle, tensor, a * per_row, (n, per_row), path).reshape(n, cols // 32, 34)
+            raw = _read(handle, tensor, a * per_row, (n, per_row), path).reshape(n, cols // size, block_bytes)
             scales[a:a + n] = torch.from_numpy(raw[..., :2].copy().view(np.float16)[..., 0])
             codes[a:a + n] = torch.from_numpy(raw[..., 2:].copy().view(np.int8).reshape(n, cols))
     return codes, scales
