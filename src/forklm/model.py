@@ -91,8 +91,11 @@ class Attention(nn.Module):
         """x [N, L, E] -> q [N, H, L, D], k/v [N, Hkv, L, D] with positions applied."""
         N, L, E = x.shape
         h, hkv = self.n_heads, self.n_kv_heads
-        # [N*L, E] -> [N*L, (H+2Hkv)*D] -> [N, L, H+2Hkv, D] -> heads first [N, H+2Hkv, L, D]
-        qkv = self.wqkv(x.reshape(N * L, E)).view(N, L, h + 2 * hkv, self.head_dim).transpose(1, 2)
+        qkv = self.wqkv(x.reshape(N * L, E))  # [N*L, E] -> [N*L, (H+2Hkv)*D]
+        if L == 1:  # a decode step: heads first as a view, no transpose (one operator a layer fewer)
+            qkv = qkv.view(N, h + 2 * hkv, 1, self.head_dim)  # [N, H+2Hkv, 1, D]
+        else:
+            qkv = qkv.view(N, L, h + 2 * hkv, self.head_dim).transpose(1, 2)  # [N, L, H+2Hkv, D] -> [N, H+2Hkv, L, D]
         if rope is None:
             return qkv.split((h, hkv, hkv), dim=1)  # views [N, H, L, D], [N, Hkv, L, D] x2
         qk = apply_rope(qkv[:, : h + hkv], *rope)  # q's and k's heads rotated at once: [N, H+Hkv, L, D]
@@ -102,7 +105,8 @@ class Attention(nn.Module):
     def out(self, o: Tensor) -> Tensor:
         """o [N, H, L, D] -> [N, L, E]."""
         N, _, L, _ = o.shape
-        y = self.wo(o.transpose(1, 2).reshape(N * L, self.n_heads * self.head_dim))  # via [N*L, H*D] -> [N*L, E]
+        rows = o.reshape(N, -1) if L == 1 else o.transpose(1, 2).reshape(N * L, -1)  # [N*L, H*D] (L = 1: no transpose)
+        y = self.wo(rows)  # [N*L, E]
         return y.view(N, L, -1)  # [N, L, E]
 
 

@@ -83,8 +83,9 @@ class DecodeAttention:
         self._masks: dict[object, KeyMask | None] = {}  # "pool" / group index -> its key mask (CPU only)
         self._only_tails = _only_tails(plan)
         # rows keeping their K/V after their prompt, per segment: (its layers as flat [2*Hkv*cap, D] views,
-        # the [2 * R * Hkv] write index of its rows' K then V heads, their query tokens); made at the first layer
-        self._tail_writes: list[tuple[tuple[Tensor, ...], Tensor, slice | Tensor]] | None = None
+        # the [R * Hkv] write indexes of its rows' K heads and of their V heads, their query tokens: None for
+        # every row of the batch); made at the first layer
+        self._tail_writes: list[tuple[tuple[Tensor, ...], Tensor, Tensor, slice | Tensor | None]] | None = None
         self._tail_views: tuple[tuple[Tensor, ...], tuple[Tensor, ...]] | None = None  # the one level's K, V
 
     def _mask(self, key, valid: Tensor, length: int, q: Tensor) -> KeyMask | None:
@@ -114,15 +115,21 @@ class DecodeAttention:
                 layers, _, hkv, cap, d = kv.shape
                 heads = torch.arange(hkv, device=kv.device) * cap  # [Hkv]
                 slots = torch.tensor([tw.slot for tw in tws], device=kv.device)  # [R]
-                index = (slots[:, None] + heads).flatten()  # [R*Hkv]: row r's head h
-                index = torch.cat((index, index + hkv * cap))  # [2*R*Hkv]: K heads, then V heads
+                index = (slots[:, None] + heads).flatten()  # [R*Hkv]: row r's K head h (its V head: + Hkv*cap)
                 toks = [tw.token for tw in tws]
-                sel = slice(toks[0], toks[-1] + 1) if toks == list(range(toks[0], toks[-1] + 1)) else slots.new_tensor(toks)
-                self._tail_writes.append((kv.view(layers, 2 * hkv * cap, d).unbind(0), index, sel))
-        for flat, index, sel in self._tail_writes:
-            d = k.shape[-1]
-            new = torch.cat((k[sel].reshape(-1, d), v[sel].reshape(-1, d)))  # [R, Hkv, 1, D] each -> [2*R*Hkv, D]
-            flat[layer].index_copy_(0, index, new)
+                if toks == list(range(len(k))):
+                    sel = None  # every row of the batch, in order
+                elif toks == list(range(toks[0], toks[-1] + 1)):
+                    sel = slice(toks[0], toks[-1] + 1)
+                else:
+                    sel = slots.new_tensor(toks)
+                self._tail_writes.append((kv.view(layers, 2 * hkv * cap, d).unbind(0), index, index + hkv * cap, sel))
+        d = k.shape[-1]
+        for flat, index_k, index_v, sel in self._tail_writes:
+            ks, vs = (k, v) if sel is None else (k[sel], v[sel])  # [R, Hkv, 1, D] each
+            # two copies from views, no cat: 2 operators a layer fewer at n=1
+            flat[layer].index_copy_(0, index_k, ks.reshape(-1, d))  # [R*Hkv, D]
+            flat[layer].index_copy_(0, index_v, vs.reshape(-1, d))
 
     def _attend_tails(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Every row reads only its prompt's segment, its own K/V after the prompt (n=1), or its turns of

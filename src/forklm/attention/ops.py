@@ -59,7 +59,10 @@ __all__ = [
 
 # Feature detection, once at import (immutable flags). torch.ops.aten raises
 # AttributeError for an op this build does not have.
-_HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+# The CPU flash kernel through torch's own Python binding: 1-3 us less a call than through torch.ops, whose
+# packet resolves the overload at every call (30-60 calls a decode step; benchmarks/results/op_calls_*.md)
+_cpu_flash = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", None)
+_HAS_CPU_FLASH = _cpu_flash is not None
 _HAS_CUDA_EFFICIENT = hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention")
 
 # The memory-efficient CUDA kernel wants the bias's last-dim stride aligned to 16
@@ -205,7 +208,7 @@ def _cpu_flash_with_lse(
     m = q.shape[-2]
     if mask is None or mask.shape[-2] == 1:  # (a mask per query row would need the extra row too)
         q = _even_rows(q, k.shape[-2])  # [B, Hkv, M', D]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+    out, lse = _cpu_flash(
         q, k, v, attn_mask=mask, scale=scale
     )  # out [B, Hkv, M', D] q.dtype, lse [B, Hkv, M'] float32
     if out.shape[-2] != m:  # a row was added above
@@ -291,7 +294,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         # cost about as much as the kernel at one decode row (docs/architecture.md)
         m = q.shape[-2]
         q = _even_rows(q, k.shape[-2])  # [B, Hkv, M', D]: 1 row, or 3 over many keys, run slower
-        out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)[0]  # [B, Hkv, M', D]
+        out = _cpu_flash(q, k, v, scale=scale)[0]  # [B, Hkv, M', D]
         return out if out.shape[-2] == m else out.narrow(-2, 0, m)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
@@ -310,7 +313,7 @@ def attention_with_lse_per_query(
     keep = torch.arange(length, device=q.device) < query_len[:, None, :, None]  # [B, 1, M, L]
     if q.device.type == "cpu" and _HAS_CPU_FLASH and q.shape[-2] > 0 and length > 0:
         mask = _additive_mask(keep, q.dtype, -math.inf)  # [B, 1, M, L]
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask, scale=scale)
+        out, lse = _cpu_flash(q, k, v, attn_mask=mask, scale=scale)
         return out, lse.float()  # [B, Hkv, M, D], [B, Hkv, M]
     return _masked_reference(q, k, v, keep, scale)
 
@@ -364,7 +367,7 @@ def causal_attention_with_lse(q: Tensor, k: Tensor, v: Tensor, q_offset: int, sc
     ks, vs = k[:, :, q_offset : q_offset + c], v[:, :, q_offset : q_offset + c]  # [1, Hkv, c, D]
     if q.device.type == "cpu" and _HAS_CPU_FLASH and c > 0:
         ks, vs = ks.repeat_interleave(g, dim=1), vs.repeat_interleave(g, dim=1)  # [1, H, c, D]
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, ks, vs, is_causal=True, scale=scale)
+        out, lse = _cpu_flash(q, ks, vs, is_causal=True, scale=scale)
         lse = lse.float()  # [1, H, c]
     else:
         keep = torch.arange(c, device=q.device)[None, :] <= torch.arange(c, device=q.device)[:, None]  # [c, c]
