@@ -140,6 +140,7 @@ class LLM:
         ckpt = load_checkpoint(model, self._auto_dtype if dtype == "auto" else DTYPES[dtype], self.device)
         self.dtype = ckpt.dtype
         self.model, self.config, self.tokenizer = ckpt.model, ckpt.config, ckpt.tokenizer
+        release_free_heap()  # the reader's transient copies, before the kernels' packing makes its own
         self._prepare_linears(self.model, ckpt.low_precision_linears, ckpt.source)
         self.eos_token_ids = ckpt.eos_token_ids
         self.source = ckpt.source
@@ -205,6 +206,7 @@ class LLM:
             low_precision = frozenset(quantize_linears(model, self.quantization))
         if self.device.type == "cpu":
             prepare_cpu_linears(model, set(low_precision) if self._low_precision_kernels else set())
+            release_free_heap()  # the old weights and the packing's copies: glibc keeps them otherwise
         if self._low_precision_kernels and str(source).endswith(".gguf"):
             blocks = q8_0_blocks(source, "token_embd.weight")
             if blocks is not None:

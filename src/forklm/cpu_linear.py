@@ -34,6 +34,8 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from .host import release_free_heap
+
 log = logging.getLogger(__name__)
 
 # The row count oneDNN chooses its weight layout for: measured best-or-equal from 1 to 2048 rows.
@@ -192,6 +194,10 @@ INT4_KERNELS = {torch.bfloat16: ("int4", "dense", "dense_pad")}
 # kernels that run another kernel's weights (they hold no copy of their own)
 SHARES_WEIGHTS = {"dense_pad": "dense"}
 PAD_ROWS = 4  # "dense_pad" runs a call of fewer rows as one of this many
+# Swapping linears frees each old weight as its packed ones come, in sizes glibc keeps in its heap; handing
+# the free pages back every this many swaps held the embedded model's load peak at 684-689 MiB (760-780
+# without, `benchmarks/results/memory_n1_L256_trim*.md`), for ~0.2 ms a call
+TRIM_EVERY = 16
 PACK_BLOCK_ROWS = 4096  # int8 packing works through a weight this many rows at a time (peak memory)
 INT4_GROUP = 32  # the int4 kernel's group along the input dimension: GGUF's block size
 _INT4_OUT_MULTIPLE = 16  # the int4 packing wants out_features divisible by this
@@ -515,6 +521,8 @@ def use_low_precision_linears(model: nn.Module, names: set[str], kernels: tuple[
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, LowPrecisionLinear(module, kernels))
         count += 1
+        if count % TRIM_EVERY == 0:  # the old weights and the packing's copies, handed back as they go
+            release_free_heap()
     if count:
         log.info("%d low-precision linears: %s", count, describe_kernels(kernels))
     return count
