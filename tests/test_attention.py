@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from forklm.attention import (
     _cpu_flash_with_lse,
+    _cpu_gemm_with_lse,
     attention_with_lse,
     attention_with_lse_reference,
     bifurcated_decode_attention,
@@ -142,13 +143,14 @@ def _naive_lse(q, k, v, valid_len, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m", [1, 3, 6, 7])
 @pytest.mark.parametrize("length", [1, 9, 130, 1030])
-@pytest.mark.parametrize("path", ["flash_cpu", "matmul", "dispatch"])
+@pytest.mark.parametrize("path", ["flash_cpu", "gemm_cpu", "matmul", "dispatch"])
 def test_attention_with_lse_paths(path, length, m, dtype):
     torch.manual_seed(31 * length + m)
     valid = [0, length, max(length // 2, 1), 1]
     q, k, v, valid_len = _lse_inputs(4, 2, m, length, 64, dtype, valid)
     scale = 0.125
-    fn = {"flash_cpu": _cpu_flash_with_lse, "matmul": attention_with_lse_reference, "dispatch": attention_with_lse}[path]
+    fn = {"flash_cpu": _cpu_flash_with_lse, "gemm_cpu": _cpu_gemm_with_lse, "matmul": attention_with_lse_reference,
+          "dispatch": attention_with_lse}[path]
     out, lse = fn(q, k, v, valid_len, scale)
     assert out.shape == q.shape and out.dtype == dtype
     assert lse.shape == q.shape[:-1] and lse.dtype == torch.float32
@@ -164,6 +166,33 @@ def test_attention_with_lse_paths(path, length, m, dtype):
     ref_out, ref_lse = attention_with_lse_reference(q, k, v, valid_len, scale)
     assert (out.float() - ref_out.float()).abs().max().item() <= TOL[dtype]
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+
+
+@pytest.mark.parametrize("hkv,m", [(3, 3), (2, 4), (1, 8)], ids=["3x3", "2x4", "mqa"])
+@pytest.mark.parametrize("length", [2, 17, 64])
+def test_many_small_problems_run_the_gemm_path_and_match_float64(length, hkv, m):
+    """A sample pool's level at large n in bfloat16 (>= _CPU_GEMM_MIN_PROBLEMS problems of a few rows against
+    a few keys each) goes to the float32 GEMMs; its result, empty rows and rows a few keys short included,
+    is the float64 loop's within bfloat16's tolerance, and the flash kernel's on the same inputs."""
+    from forklm.attention.ops import _CPU_GEMM_MIN_PROBLEMS, _fast_path, key_mask
+
+    torch.manual_seed(101 * length + m)
+    b = -(-_CPU_GEMM_MIN_PROBLEMS // hkv) + 3  # [B, Hkv]: just above the bound
+    valid = torch.randint(1, length + 1, (b,))
+    valid[0], valid[1], valid[2] = 0, length, 1
+    q, k, v, valid_len = _lse_inputs(b, hkv, m, length, 64, torch.bfloat16, valid.tolist())
+    assert _fast_path(q, k) is _cpu_gemm_with_lse
+    assert _fast_path(q[: b // 2], k[: b // 2]) is not _cpu_gemm_with_lse  # fewer problems: the flash kernel
+    mask = key_mask(valid_len, length, torch.bfloat16)
+    out, lse = attention_with_lse(q, k, v, valid_len, 0.125, mask)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert out[0].abs().max().item() == 0.0 and torch.isneginf(lse[0]).all() and torch.isfinite(lse[1:]).all()
+    want_out, want_lse = _naive_lse(q, k, v, valid_len, 0.125)
+    assert (out.double() - want_out).abs().max().item() <= TOL[torch.bfloat16]
+    assert (lse[1:].double() - want_lse[1:]).abs().max().item() <= 1e-4  # float32 throughout
+    flash_out, flash_lse = _cpu_flash_with_lse(q, k, v, valid_len, 0.125, mask)
+    assert (out.float() - flash_out.float()).abs().max().item() <= TOL[torch.bfloat16]
+    assert (lse[1:] - flash_lse[1:]).abs().max().item() <= 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -46,12 +46,28 @@ def _reference(q, keys, values):
 def test_decode_levels_match_sdpa_over_concatenated_cache(depth, heads, dtype, dense, lockstep):
     """Every level against SDPA over the row's concatenated keys; the token's K/V written to its slot and
     nowhere else (rows in lockstep, dense: by one strided copy, `DecodePlan.write_slot`)."""
-    torch.manual_seed(depth * 10 + heads[1])
+    _check_decode_levels(depth, heads, dtype, dense, lockstep, 7)
+
+
+@pytest.mark.parametrize("heads", HEADS[1:], ids=["gqa", "mqa"])  # (MHA: one query row a kv head, the reference)
+@pytest.mark.parametrize("dense", [True, False])
+@pytest.mark.parametrize("lockstep", [False, True], ids=["ragged", "lockstep"])
+def test_decode_levels_of_many_samples_match_sdpa(heads, dense, lockstep, monkeypatch):
+    """The same at large n in bfloat16, where the pool's level is many small problems and runs as float32
+    GEMMs (`ops._cpu_gemm_with_lse`)."""
+    calls = []
+    gemm = ops._cpu_gemm_with_lse
+    monkeypatch.setattr(ops, "_cpu_gemm_with_lse", lambda *a: calls.append(a[0].shape) or gemm(*a))
+    _check_decode_levels(2, heads, torch.bfloat16, dense, lockstep, -(-ops._CPU_GEMM_MIN_PROBLEMS // heads[1]) + 5)
+    assert calls  # the pool's level
+
+
+def _check_decode_levels(depth, heads, dtype, dense, lockstep, B):
+    torch.manual_seed(depth * 10 + heads[1] + B)
     h, hkv = heads
     d, T = 16, 24
     # a tree: level 0 one root segment; each further level splits the rows into more groups
-    B = 7
-    pool_rows = list(range(B)) if dense else [0, 2, 3, 5, 6, 8, 9]
+    pool_rows = list(range(B)) if dense else [r + (r + 1) // 2 for r in range(B)]  # B=7: [0, 2, 3, 5, 6, 8, 9]
     R = pool_rows[-1] + 1
     pool = _random_pool(R, hkv, T, d, dtype)
     groups_per_level = [1, 2, 3, 7][:depth]
@@ -70,7 +86,7 @@ def test_decode_levels_match_sdpa_over_concatenated_cache(depth, heads, dtype, d
             by_depth[-1].append(levels[-1])
             for b in range(lo, hi):
                 paths[b].append(seg)
-    dec = [4] * B if lockstep else [3, 0, 5, 1, 7, 2, 4]  # tokens already in each row before this step
+    dec = [4] * B if lockstep else [(3, 0, 5, 1, 7, 2, 4)[b % 7] for b in range(B)]  # tokens in each row before
     write = torch.tensor(dec)
     pool_len = torch.zeros(R, dtype=torch.long)
     pool_len[pool_rows] = write + 1

@@ -3,6 +3,7 @@ step plan that the model calls through `attend(layer, q, k, v)` (`cascade`)."""
 
 from .ops import (  # noqa: F401
     _cpu_flash_with_lse,
+    _cpu_gemm_with_lse,
     _fast_path,
     attention_with_lse,
     attention_with_lse_reference,

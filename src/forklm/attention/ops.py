@@ -88,6 +88,15 @@ _CUDA_EFFICIENT_MAX_HEAD_DIM = 256
 # So: the reference for a single query row against few keys (M == 1, L <= 128:
 # 1.3-3x faster), flash_for_cpu everywhere else.
 _CPU_REFERENCE_MAX_KEYS_AT_ONE_ROW = 128
+# Many small problems (each sample's own keys at large n: B x Hkv problems of a few query rows against
+# the tokens it generated) cost the bfloat16 flash kernel ~2-4 us each whatever their size; float32 batched
+# GEMMs (`_cpu_gemm_with_lse`) take them together. On the AVX512-BF16 host, SmolLM2's 3 kv heads x 3 rows and
+# 2 x 4, two runs: from 192 problems and 8 to 32 keys 1.0-2.9x faster (median ~1.5), at 64 keys 0.84-1.44
+# (median ~1.25); slower below 192 problems, with one key now and then, and from 96 keys up to 0.56x
+# (benchmarks/results/attention_small_avx512bf16.md). In float32 the flash kernel is cheaper per problem and
+# the GEMMs won only some of those cells: it stays.
+_CPU_GEMM_MIN_PROBLEMS = 192
+_CPU_GEMM_KEYS = (2, 64)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -216,6 +225,23 @@ def _cpu_flash_with_lse(
     return (out, lse) if prepared.empty is None else _fix_empty_rows(out, lse, valid_len)
 
 
+def _cpu_gemm_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, valid_len: Tensor, scale: float, prepared: KeyMask | None = None
+) -> tuple[Tensor, Tensor]:
+    """Many small problems at once: float32 batched GEMMs, the softmax between them in place. Needs
+    L > 0. The scores and the softmax in float32 (the flash kernel's accumulation; bfloat16 inputs are
+    widened, nothing is rounded to bfloat16 before the output)."""
+    if prepared is None or prepared.length != k.shape[-2] or prepared.dtype != q.dtype:
+        prepared = key_mask(valid_len, k.shape[-2], q.dtype)
+    s = torch.matmul(q.float(), k.float().transpose(-2, -1)).mul_(scale)  # [B, Hkv, M, L] float32
+    if prepared.additive is not None:
+        s.add_(prepared.additive)  # [B, 1, 1 or M, L]: -inf past each row's valid keys
+    lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, M]; -inf for an empty row
+    p = s.sub_(lse[..., None]).exp_()  # [B, Hkv, M, L]; NaN in an empty row, replaced below
+    out = torch.matmul(p, v.float()).to(q.dtype)  # [B, Hkv, M, D]
+    return (out, lse) if prepared.empty is None else _fix_empty_rows(out, lse, valid_len)
+
+
 def _cuda_efficient_with_lse(
     q: Tensor, k: Tensor, v: Tensor, valid_len: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -246,6 +272,9 @@ def _fast_path(q: Tensor, k: Tensor):
     if q.device.type == "cpu" and _HAS_CPU_FLASH:
         if m == 1 and length <= _CPU_REFERENCE_MAX_KEYS_AT_ONE_ROW:
             return None
+        if (q.dtype == torch.bfloat16 and q.shape[0] * q.shape[1] >= _CPU_GEMM_MIN_PROBLEMS
+                and _CPU_GEMM_KEYS[0] <= length <= _CPU_GEMM_KEYS[1]):
+            return _cpu_gemm_with_lse
         return _cpu_flash_with_lse
     if (
         q.device.type == "cuda"
@@ -270,11 +299,11 @@ def attention_with_lse(
     out = 0 and lse = -inf.
     """
     kernel = _fast_path(q, k)
-    if mask is not None and mask.keep is not None and kernel is not _cpu_flash_with_lse:
-        return _masked_reference(q, k, v, mask.keep, scale)  # keys per query row: only the CPU kernel takes them
+    if mask is not None and mask.keep is not None and kernel not in (_cpu_flash_with_lse, _cpu_gemm_with_lse):
+        return _masked_reference(q, k, v, mask.keep, scale)  # keys per query row: only the CPU kernels take them
     if kernel is None:
         return attention_with_lse_reference(q, k, v, valid_len, scale)
-    args = (q, k, v, valid_len, scale) + ((mask,) if kernel is _cpu_flash_with_lse else ())
+    args = (q, k, v, valid_len, scale) + ((mask,) if kernel in (_cpu_flash_with_lse, _cpu_gemm_with_lse) else ())
     if torch.compiler.is_compiling():
         return kernel(*args)
     try:
