@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 import report
-from forklm.attention.ops import (_CPU_GEMM_KEYS, _CPU_GEMM_MIN_PROBLEMS, _cpu_flash_with_lse, _cpu_gemm_with_lse,
-                                  _fast_path, attention_with_lse_reference, key_mask)
+from forklm.attention.ops import (_CPU_GEMM_KEYS, _CPU_GEMM_MAX_KEY_ROWS, _CPU_GEMM_MIN_PROBLEMS, _cpu_flash_with_lse,
+                                  _cpu_gemm_with_lse, _fast_path, attention_with_lse_reference, key_mask)
 
 D, LAYERS = 64, 30
 ARMS = {"flash": _cpu_flash_with_lse, "gemm": _cpu_gemm_with_lse, "reference": None}
@@ -61,7 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     res = {"command": report.command(), "host": report.host(), "cells": [],
-           "rule": {"min_problems": _CPU_GEMM_MIN_PROBLEMS, "keys": _CPU_GEMM_KEYS}}
+           "rule": {"min_problems": _CPU_GEMM_MIN_PROBLEMS, "keys": _CPU_GEMM_KEYS, "max_key_rows": _CPU_GEMM_MAX_KEY_ROWS}}
     table, series = [], {}
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
@@ -92,8 +92,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     note = (f"us per layer (median of {args.reps} passes over {LAYERS} layers' buffers, the arms taking turns); "
             f"flash / gemm > 1: the GEMMs faster. chosen: what `_fast_path` picks for the shape (gemm in bfloat16 from "
-            f"{_CPU_GEMM_MIN_PROBLEMS} problems B x Hkv, {_CPU_GEMM_KEYS[0]} to {_CPU_GEMM_KEYS[1]} keys; the reference "
-            "for one query row up to 128 keys).")
+            f"{_CPU_GEMM_MIN_PROBLEMS} problems B x Hkv, {_CPU_GEMM_KEYS[0]} to {_CPU_GEMM_KEYS[1]} keys, and in any dtype "
+            f"for one query row up to 128 keys; for both, from a bfloat16 cache, at most {_CPU_GEMM_MAX_KEY_ROWS} keys in "
+            "all, B x Hkv x L).")
     report.write(out, res, "Many small attention problems: flash kernel vs float32 GEMMs", note,
                  [("dtype", "dtype", "{}"), ("Hkv x M", "heads", "{}"), ("B", "b", "{}"), ("B x Hkv", "problems", "{}"),
                   ("L", "keys", "{}"), ("flash us", "flash", "{}"), ("gemm us", "gemm", "{}"),

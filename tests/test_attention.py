@@ -195,6 +195,25 @@ def test_many_small_problems_run_the_gemm_path_and_match_float64(length, hkv, m)
     assert (lse[1:] - flash_lse[1:]).abs().max().item() <= 1e-3
 
 
+def test_gemm_path_bounds():
+    """Which shapes `_fast_path` sends to the GEMMs: one query row against few keys (any dtype), many small
+    bfloat16 problems against 2..64 keys; from a bfloat16 cache never past _CPU_GEMM_MAX_KEY_ROWS keys in all
+    (the size of its float32 copies, where they ran into cliffs); the flash kernel otherwise."""
+    from forklm.attention.ops import _CPU_GEMM_MAX_KEY_ROWS, _fast_path
+
+    def path(b, hkv, m, length, dtype=torch.bfloat16):
+        q, k = torch.empty(b, hkv, m, 64, dtype=dtype), torch.empty(b, hkv, length, 64, dtype=dtype)
+        return {_cpu_gemm_with_lse: "gemm", _cpu_flash_with_lse: "flash"}[_fast_path(q, k)]
+
+    assert path(4, 8, 1, 100) == "gemm" and path(4, 8, 1, 100, torch.float32) == "gemm"
+    assert path(4, 8, 1, 200) == "flash"  # one row, many keys
+    assert path(64, 3, 3, 32) == "gemm" and path(64, 3, 3, 32, torch.float32) == "flash"
+    assert path(64, 3, 3, 1) == "flash" and path(64, 3, 3, 65) == "flash" and path(63, 3, 3, 32) == "flash"
+    b = _CPU_GEMM_MAX_KEY_ROWS // (8 * 96) + 1
+    assert path(b, 8, 1, 96) == "flash" and path(b - 1, 8, 1, 96) == "gemm"
+    assert path(b, 8, 1, 96, torch.float32) == "gemm"  # read in place: no copies
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m", [2, 9, 192])
 @pytest.mark.parametrize("length", [1, 37, 600])

@@ -85,18 +85,25 @@ _CUDA_EFFICIENT_MAX_HEAD_DIM = 256
 #   B=64, Hkv=12, M=1,  L=256   bf16:  flash 11.6-11.9 reference 34.7-34.9
 #   B=64, Hkv=3,  M=3,  L=32..128 both dtypes: within 15% (flash 0.22-0.78, reference 0.25-0.81)
 #   B=64, Hkv=3,  M=3,  L=512   fp32 / bf16: flash 3.5 / 16.0  reference 5.1 / 120
-# So: the reference for a single query row against few keys (M == 1, L <= 128:
-# 1.3-3x faster), flash_for_cpu everywhere else.
+# So: the matmuls for a single query row against few keys (M == 1, L <= 128:
+# 1.3-3x faster), flash_for_cpu everywhere else. The matmuls are `_cpu_gemm_with_lse` since it exists: the
+# reference's math with fewer passes, as fast or up to 1.3x faster (benchmarks/results/attention_small_*.md,
+# the 8 x 1 rows).
 _CPU_REFERENCE_MAX_KEYS_AT_ONE_ROW = 128
 # Many small problems (each sample's own keys at large n: B x Hkv problems of a few query rows against
 # the tokens it generated) cost the bfloat16 flash kernel ~2-4 us each whatever their size; float32 batched
 # GEMMs (`_cpu_gemm_with_lse`) take them together. On the AVX512-BF16 host, SmolLM2's 3 kv heads x 3 rows and
-# 2 x 4, two runs: from 192 problems and 8 to 32 keys 1.0-2.9x faster (median ~1.5), at 64 keys 0.84-1.44
-# (median ~1.25); slower below 192 problems, with one key now and then, and from 96 keys up to 0.56x
+# 2 x 4, three runs: from 192 problems and 8 to 32 keys 1.0-2.9x faster (median ~1.5), at 64 keys 0.84-1.44
+# (median ~1.25); slower below 192 problems, with one key now and then, and from 96 keys down to 0.56x
 # (benchmarks/results/attention_small_avx512bf16.md). In float32 the flash kernel is cheaper per problem and
 # the GEMMs won only some of those cells: it stays.
 _CPU_GEMM_MIN_PROBLEMS = 192
 _CPU_GEMM_KEYS = (2, 64)
+# ... and for either rule, from a bfloat16 cache, at most this many keys in all (B x Hkv x L): the float32
+# copies of K and V are then at most 8 MiB each. Larger ones ran into cliffs (8 x 1 rows: B=256 at 96-128 keys
+# 18-50 ms against the flash kernel's 9-12, B=64 at 128 keys 4.0 against 3.0; the same attention_small
+# tables). A float32 cache is read in place, and its GEMMs stayed ahead there.
+_CPU_GEMM_MAX_KEY_ROWS = 1 << 15
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -270,10 +277,11 @@ def _fast_path(q: Tensor, k: Tensor):
     if m == 0 or length == 0:
         return None
     if q.device.type == "cpu" and _HAS_CPU_FLASH:
-        if m == 1 and length <= _CPU_REFERENCE_MAX_KEYS_AT_ONE_ROW:
-            return None
-        if (q.dtype == torch.bfloat16 and q.shape[0] * q.shape[1] >= _CPU_GEMM_MIN_PROBLEMS
-                and _CPU_GEMM_KEYS[0] <= length <= _CPU_GEMM_KEYS[1]):
+        problems = q.shape[0] * q.shape[1]  # B x Hkv
+        if (q.dtype == torch.float32 or problems * length <= _CPU_GEMM_MAX_KEY_ROWS) and (
+                (m == 1 and length <= _CPU_REFERENCE_MAX_KEYS_AT_ONE_ROW)
+                or (q.dtype == torch.bfloat16 and problems >= _CPU_GEMM_MIN_PROBLEMS
+                    and _CPU_GEMM_KEYS[0] <= length <= _CPU_GEMM_KEYS[1])):
             return _cpu_gemm_with_lse
         return _cpu_flash_with_lse
     if (
